@@ -1,0 +1,124 @@
+"""One differentiable DDIM(η) sampling loop for every method.
+
+A `GradPolicy` names the steps whose denoiser call carries gradient to the trainable adapter
+(DRaFT-K: the last K; AlignProp: a random K; ReFL/SQDF: one chosen step). Steps before the first
+gradient step run without autograd; after it, the latent chain keeps its graph so the gradient
+reaches x0. Each gradient step is checkpointed (recomputed in backward) so memory does not grow
+with the number of steps. `SamplerNoise` fixes every random draw of a rollout up front, so a
+rollout can be replayed exactly (RSA-FT's second pass, resume).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from .backend import Cond
+from .errors import UserError
+
+POLICY_MODES = ("none", "all", "last_k", "random_k", "step")
+
+
+@dataclass(frozen=True)
+class GradPolicy:
+    """Which sampling steps (0 = noisiest) carry gradient into the adapter."""
+
+    mode: str = "last_k"
+    k: int = 1  # last_k
+    k_range: tuple[int, int] = (1, 1)  # random_k: K drawn uniformly in [a, b] per rollout
+    step: int = -1  # step: this index only (negative counts from the end)
+
+    def validate(self, num_steps: int) -> None:
+        if self.mode not in POLICY_MODES:
+            raise UserError(f"unknown gradient policy {self.mode!r}; choose one of {', '.join(POLICY_MODES)}")
+        if self.mode == "last_k" and not 1 <= self.k <= num_steps:
+            raise UserError(f"K={self.k} must be between 1 and the number of sampling steps ({num_steps}): "
+                            f"lower K or raise the sampling steps")
+        if self.mode == "random_k":
+            a, b = self.k_range
+            if not 1 <= a <= b <= num_steps:
+                raise UserError(f"random K range [{a}, {b}] must satisfy 1 <= a <= b <= sampling steps ({num_steps})")
+        if self.mode == "step" and not -num_steps <= self.step < num_steps:
+            raise UserError(f"gradient step {self.step} is outside the {num_steps} sampling steps")
+
+    def grad_steps(self, num_steps: int, rng: random.Random | None = None) -> frozenset[int]:
+        """The indices of the steps whose denoiser call is differentiable, for one rollout."""
+        self.validate(num_steps)
+        if self.mode == "none":
+            return frozenset()
+        if self.mode == "all":
+            return frozenset(range(num_steps))
+        if self.mode == "step":
+            return frozenset({self.step % num_steps})
+        k = self.k if self.mode == "last_k" else (rng or random).randint(*self.k_range)
+        return frozenset(range(num_steps - k, num_steps))
+
+
+@dataclass
+class SamplerNoise:
+    """The initial latent and every per-step noise of one rollout, drawn from one seed."""
+
+    initial: torch.Tensor
+    steps: list[torch.Tensor]
+
+    @classmethod
+    def from_seed(cls, seed: int, shape: tuple[int, ...], num_steps: int, device="cpu", dtype=torch.float32):
+        gen = torch.Generator("cpu").manual_seed(seed)
+        draws = torch.randn((num_steps + 1, *shape), generator=gen, dtype=torch.float32)
+        draws = draws.to(device=device, dtype=dtype)
+        return cls(initial=draws[0], steps=list(draws[1:]))
+
+
+@dataclass
+class Trajectory:
+    """What a rollout went through, detached: latents x_T..x_0, timesteps, noises, step means/stds."""
+
+    latents: list[torch.Tensor] = field(default_factory=list)
+    timesteps: list[int] = field(default_factory=list)
+    noises: list[torch.Tensor] = field(default_factory=list)
+    means: list[torch.Tensor] = field(default_factory=list)
+    stds: list[torch.Tensor] = field(default_factory=list)
+
+
+@dataclass
+class SampleResult:
+    latents: torch.Tensor
+    grad_steps: frozenset[int]
+    trajectory: Trajectory | None = None
+
+
+def sample(backend, cond: Cond, noise: SamplerNoise, *, num_steps: int, eta: float = 0.0, guidance: float = 7.5,
+           policy: GradPolicy = GradPolicy("none"), rng: random.Random | None = None,
+           use_checkpoint: bool = True, record: bool = False) -> SampleResult:
+    """Run DDIM(η) from noise.initial to x0; gradient flows through the steps `policy` names."""
+    schedule = backend.schedule
+    timesteps = schedule.timesteps(num_steps)
+    grad_steps = policy.grad_steps(num_steps, rng)
+    first_grad = min(grad_steps, default=num_steps)
+    trajectory = Trajectory() if record else None
+    x = noise.initial
+    if record:
+        trajectory.latents.append(x.detach())
+
+    def model_output(x_in, t):
+        return backend.predict(x_in, t, cond, guidance)
+
+    for i, t in enumerate(timesteps):
+        with torch.set_grad_enabled(torch.is_grad_enabled() and i >= first_grad):
+            if i in grad_steps and torch.is_grad_enabled():
+                out = checkpoint(model_output, x, t, use_reentrant=False) if use_checkpoint else model_output(x, t)
+            else:
+                with torch.no_grad():
+                    out = model_output(x, t)
+            step = schedule.step_distribution(out, x, t, schedule.previous(t, num_steps), eta)
+            x = step.mean + step.std * noise.steps[i]
+        if record:
+            trajectory.timesteps.append(t)
+            trajectory.noises.append(noise.steps[i])
+            trajectory.means.append(step.mean.detach())
+            trajectory.stds.append(step.std.detach())
+            trajectory.latents.append(x.detach())
+    return SampleResult(latents=x, grad_steps=grad_steps, trajectory=trajectory)

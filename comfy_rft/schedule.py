@@ -1,0 +1,70 @@
+"""DDIM/DDPM step math for ε- and v-prediction models, as pure tensor functions.
+
+The formulas are diffusers' `DDIMScheduler.step` written out (tests check equality) so that the
+mean and std of every step are available: KL terms, replay buffers and reparameterised steps need
+them, and the scheduler object hides them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class StepDistribution:
+    """One sampler step as a Gaussian: x_prev = mean + std * noise; x0 is the step's x̂0 estimate."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    x0: torch.Tensor
+
+
+class DDIMSchedule:
+    """The noise schedule of a diffusers scheduler config, with DDIM(η) steps."""
+
+    def __init__(self, scheduler_config):
+        from diffusers import DDIMScheduler
+
+        # Any SD scheduler config (PNDM, Euler, DDIM…) carries the same beta schedule.
+        self._scheduler = DDIMScheduler.from_config(scheduler_config)
+        self.prediction_type = self._scheduler.config.prediction_type
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            raise ValueError(f"unsupported prediction type {self.prediction_type!r} (epsilon and v_prediction are)")
+        self.num_train_timesteps = self._scheduler.config.num_train_timesteps
+        self.alphas_cumprod = self._scheduler.alphas_cumprod.double()
+        self.final_alpha_cumprod = float(self._scheduler.final_alpha_cumprod)
+
+    def timesteps(self, num_steps: int) -> list[int]:
+        """The scheduler's own timesteps (spacing and offset as configured), noisiest first."""
+        self._scheduler.set_timesteps(num_steps)
+        return [int(t) for t in self._scheduler.timesteps]
+
+    def previous(self, t: int, num_steps: int) -> int:
+        return t - self.num_train_timesteps // num_steps
+
+    def alpha_bar(self, t: int) -> float:
+        return float(self.alphas_cumprod[t]) if t >= 0 else self.final_alpha_cumprod
+
+    def x0_and_eps(self, model_output: torch.Tensor, x: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """x̂0 (Tweedie) and ε̂ from the model output at x_t."""
+        a = self.alpha_bar(t)
+        sa, s1a = a**0.5, (1 - a) ** 0.5
+        if self.prediction_type == "epsilon":
+            return (x - s1a * model_output) / sa, model_output
+        return sa * x - s1a * model_output, sa * model_output + s1a * x
+
+    def step_distribution(self, model_output: torch.Tensor, x: torch.Tensor, t: int, t_prev: int, eta: float) -> StepDistribution:
+        """DDIM step with η from t to t_prev (η=0 deterministic, η=1 DDPM-like)."""
+        a, a_prev = self.alpha_bar(t), self.alpha_bar(t_prev)
+        x0, eps = self.x0_and_eps(model_output, x, t)
+        variance = (1 - a_prev) / (1 - a) * (1 - a / a_prev)
+        std = eta * variance**0.5
+        mean = a_prev**0.5 * x0 + (1 - a_prev - std**2) ** 0.5 * eps
+        return StepDistribution(mean=mean, std=torch.full((), std, dtype=x.dtype), x0=x0)
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: int) -> torch.Tensor:
+        """Forward diffusion q(x_t | x0)."""
+        a = self.alpha_bar(t)
+        return a**0.5 * x0 + (1 - a) ** 0.5 * noise
