@@ -15,6 +15,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from .errors import UserError
+from .quiet import quiet_libraries
 from .schedule import DDIMSchedule
 from .tiny import TINY_MODELS, tiny_model_dir
 
@@ -67,7 +68,7 @@ class DiffusersBackend:
                 f"model {spec!r} not found. Pass a local diffusers folder (with model_index.json), a single-file "
                 f"checkpoint (.safetensors/.ckpt), or one of the embedded models: {', '.join(TINY_MODELS)}."
             )
-        with _quiet_loaders():
+        with quiet_libraries():
             pipe = _load_folder(path, dtype) if path.is_dir() else _load_single_file(path, dtype, model_config)
         return cls(pipe, name=spec, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
@@ -145,25 +146,6 @@ class DiffusersBackend:
         if h % self.vae_scale_factor or w % self.vae_scale_factor:
             raise UserError(f"image size {h}x{w} must be a multiple of {self.vae_scale_factor} for this model")
         return (batch, self.denoiser.config.in_channels, h // self.vae_scale_factor, w // self.vae_scale_factor)
-
-
-class _quiet_loaders:
-    """Silence the libraries' notices (torchvision fallbacks) and weight-loading bars while loading."""
-
-    def __enter__(self):
-        from diffusers.utils import logging as dlog
-        from transformers.utils import logging as tlog
-
-        self._saved = [(lib, lib.get_verbosity(), lib.is_progress_bar_enabled()) for lib in (dlog, tlog)]
-        for lib in (dlog, tlog):
-            lib.set_verbosity_error()
-            lib.disable_progress_bar()
-
-    def __exit__(self, *exc):
-        for lib, verbosity, bars in self._saved:
-            lib.set_verbosity(verbosity)
-            if bars:
-                lib.enable_progress_bar()
 
 
 _SUPPORTED = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")

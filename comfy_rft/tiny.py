@@ -3,6 +3,11 @@
 They carry the real module names (so LoRA keys match real files) and a byte-level CLIP tokenizer
 built in memory, so tests and the demo need no download. `tiny_model_dir` builds a pipeline once,
 deterministically from a seed, and caches the folder; the real backend loader then reads it.
+
+Purely random weights make a degenerate model: its samples are ~14x the noise scale and its random
+decoder barely responds to its latents, so no reward can move. `fit_tiny_pipeline` spends a few
+seconds making it a trivial but sane one: the decoder maps latents to colours through a fixed
+latent->RGB matrix (like SD's preview map) and the UNet denoises a unit-Gaussian latent "dataset".
 """
 
 from __future__ import annotations
@@ -14,9 +19,11 @@ from pathlib import Path
 
 import torch
 
+from .quiet import quiet_libraries
+
 TINY_MODELS = ("tiny-sd15", "tiny-sdxl")
 # Bump when the architecture or the init changes: cached folders are keyed by it.
-TINY_VERSION = "1"
+TINY_VERSION = "2"
 
 
 def _bytes_to_unicode() -> list[str]:
@@ -72,8 +79,15 @@ def _scheduler(prediction_type: str = "epsilon"):
     )
 
 
-def build_tiny_pipeline(name: str = "tiny-sd15", seed: int = 0, prediction_type: str = "epsilon"):
-    """Build a random-weight pipeline with SD1.5 ("tiny-sd15") or SDXL ("tiny-sdxl") module names."""
+def build_tiny_pipeline(name: str = "tiny-sd15", seed: int = 0, prediction_type: str = "epsilon", fit: bool = True):
+    """A pipeline with SD1.5 ("tiny-sd15") or SDXL ("tiny-sdxl") module names; random weights unless `fit`."""
+    pipe = _build_random(name, seed, prediction_type)
+    if fit:
+        fit_tiny_pipeline(pipe, seed)
+    return pipe
+
+
+def _build_random(name: str, seed: int, prediction_type: str):
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 
     if name not in TINY_MODELS:
@@ -105,6 +119,49 @@ def build_tiny_pipeline(name: str = "tiny-sd15", seed: int = 0, prediction_type:
     )
 
 
+# Latent channel -> RGB, close to the linear map people use to preview SD latents.
+_LATENT_TO_RGB = ((0.35, 0.23, 0.32, -0.17), (0.33, 0.50, 0.24, -0.18), (0.30, 0.30, 0.26, -0.35))
+
+
+def fit_tiny_pipeline(pipe, seed: int = 0, steps: int = 100, batch: int = 8) -> None:
+    """Fit the decoder to a fixed latent->RGB map and the UNet to denoise N(0, I) latents (seconds on a CPU)."""
+    import torch.nn.functional as F
+
+    gen = torch.Generator().manual_seed(seed)
+    vae, unet = pipe.vae, pipe.unet
+    rgb = torch.tensor(_LATENT_TO_RGB)
+    latent_hw = unet.config.sample_size
+    scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    decoder_params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    optimizer = torch.optim.Adam(decoder_params, lr=2e-3)
+    for _ in range(steps):
+        z = torch.randn(batch, 4, latent_hw, latent_hw, generator=gen)
+        target = F.interpolate(torch.einsum("cl,blhw->bchw", rgb, z), scale_factor=scale, mode="bilinear")
+        loss = F.mse_loss(vae.decode(z / vae.config.scaling_factor).sample, target.clamp(-1, 1))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    alphas = pipe.scheduler.alphas_cumprod
+    sdxl = unet.config.addition_embed_type == "text_time"
+    optimizer = torch.optim.Adam(unet.parameters(), lr=1e-3)
+    for _ in range(steps):
+        x0, eps = torch.randn((2, batch, 4, latent_hw, latent_hw), generator=gen)
+        t = torch.randint(0, len(alphas), (batch,), generator=gen)
+        a = alphas[t].view(-1, 1, 1, 1)
+        target = eps if pipe.scheduler.config.prediction_type == "epsilon" else a.sqrt() * eps - (1 - a).sqrt() * x0
+        context = torch.randn(batch, 77, unet.config.cross_attention_dim, generator=gen)
+        added = {"text_embeds": torch.randn(batch, 32, generator=gen),
+                 "time_ids": torch.tensor([64.0, 64, 0, 0, 64, 64]).expand(batch, 6)} if sdxl else None
+        out = unet(a.sqrt() * x0 + (1 - a).sqrt() * eps, t, encoder_hidden_states=context, added_cond_kwargs=added)
+        loss = F.mse_loss(out.sample, target)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    pipe.unet.eval()
+    pipe.vae.eval()
+
+
 def cache_dir() -> Path:
     """Where built tiny models live: $COMFY_RFT_CACHE, else ~/.cache/comfy_rft."""
     return Path(os.environ.get("COMFY_RFT_CACHE", Path.home() / ".cache" / "comfy_rft"))
@@ -118,7 +175,8 @@ def tiny_model_dir(name: str) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{name}-"))
     try:
-        build_tiny_pipeline(name).save_pretrained(tmp)
+        with quiet_libraries():
+            build_tiny_pipeline(name).save_pretrained(tmp)
         try:
             tmp.rename(target)
         except OSError:  # another process won the race; theirs is identical

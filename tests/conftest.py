@@ -1,13 +1,13 @@
 import os
-import tempfile
+from pathlib import Path
 
 import pytest
 import torch
 
 # Two cores: torch's default threading is erratic here, one thread is faster and repeatable.
 torch.set_num_threads(1)
-# Tiny models are built once per session into a private cache, never into the user's.
-os.environ.setdefault("COMFY_RFT_CACHE", tempfile.mkdtemp(prefix="comfy-rft-test-cache-"))
+# Tiny models are built once into the checkout's own (git-ignored) cache, never into the user's.
+os.environ.setdefault("COMFY_RFT_CACHE", str(Path(__file__).resolve().parent.parent / ".test-cache"))
 
 
 @pytest.fixture

@@ -1,0 +1,27 @@
+"""ComfyUI entry point of the comfy-rft node pack.
+
+ComfyUI imports this folder as a package. Nothing heavy is imported here: torch, diffusers and the
+trainers load when a node runs. In a bare clone (no `pip install`), the folder itself is put on
+the import path (at the end, so it never shadows ComfyUI's own `nodes` module) so that
+`import comfy_rft` finds the engine next to this file.
+"""
+
+import importlib.util
+import os
+import sys
+
+if importlib.util.find_spec("comfy_rft") is None:
+    sys.path.append(os.path.dirname(os.path.abspath(__file__)))
+
+
+async def comfy_entrypoint():
+    """ComfyUI's V3 hook: an extension listing the pack's nodes."""
+    from comfy_api.latest import ComfyExtension
+
+    from comfy_rft.nodes import NODE_CLASSES
+
+    class RewardFineTuning(ComfyExtension):
+        async def get_node_list(self):
+            return list(NODE_CLASSES)
+
+    return RewardFineTuning()

@@ -1,0 +1,54 @@
+"""The command line contract: the JSON line, the TOML config and clear errors for bad input."""
+
+import json
+
+import pytest
+
+from comfy_rft.cli import main
+
+FAST = ["--sampling-steps", "2", "--batch-size", "1", "--eval-samples", "1", "--lora-rank", "2"]
+
+
+def _last_json(capsys):
+    lines = capsys.readouterr().out.strip().splitlines()
+    return json.loads(lines[-1])
+
+
+def test_train_prints_the_summary_json_as_last_line(tmp_path, capsys):
+    code = main(["train", "--method", "draft", "--model", "tiny-sd15", "--reward", "brightness",
+                 "--prompts", "a red circle", "--steps", "2", "--seed", "3", "--out", str(tmp_path), *FAST])
+    assert code == 0
+    summary = _last_json(capsys)
+    assert {"method", "steps", "reward_before", "reward_after", "lora", "seconds"} <= summary.keys()
+    assert summary["method"] == "draft" and summary["steps"] == 2
+    assert (tmp_path / "metrics.jsonl").read_text().count("\n") == 2
+    for name in ("reward_curve.png", "before_after.png", summary["lora"]):
+        assert (tmp_path / name).exists()
+
+
+def test_toml_config_is_read_and_flags_override_it(tmp_path, capsys):
+    config = tmp_path / "run.toml"
+    config.write_text(f'method = "draft"\nsteps = 5\nprompts = "a cat"\nout = "{tmp_path}"\nsampling_steps = 2\n'
+                      f'batch_size = 1\neval_samples = 1\nlora_rank = 2\n')
+    assert main(["train", "--config", str(config), "--steps", "1"]) == 0
+    assert _last_json(capsys)["steps"] == 1
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--model", "/no/such/model"], "not found"),
+    (["--model", "{tmp}"], "not a diffusers model folder"),
+    (["--lora-rank", "0"], "--lora-rank must be >= 1"),
+    (["--k", "5", "--sampling-steps", "3"], "K=5 is larger than the number of sampling steps"),
+    (["--prompts", "{tmp}/empty.txt"], "no prompts"),
+    (["--reward", "no-such-reward"], "unknown reward 'no-such-reward'"),
+    (["--method", "nope"], "unknown method 'nope'"),
+    (["--k", "2", "--lv-samples", "2"], "needs K=1"),
+])
+def test_bad_input_gives_a_clear_error(tmp_path, capsys, args, message):
+    (tmp_path / "empty.txt").write_text("\n# only a comment\n")
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    code = main(["train", "--steps", "1", "--out", str(tmp_path / "out"), *FAST[:2], *args])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message in err
+    assert "Traceback" not in err
