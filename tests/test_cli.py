@@ -37,6 +37,7 @@ def test_toml_config_is_read_and_flags_override_it(tmp_path, capsys):
 @pytest.mark.parametrize("args,message", [
     (["--model", "/no/such/model"], "not found"),
     (["--model", "{tmp}"], "not a diffusers model folder"),
+    (["--model", "{tmp}/garbage.safetensors"], "is not a readable model checkpoint"),
     (["--lora-rank", "0"], "--lora-rank must be >= 1"),
     (["--k", "5", "--sampling-steps", "3"], "K=5 is larger than the number of sampling steps"),
     (["--prompts", "{tmp}/empty.txt"], "no prompts"),
@@ -46,6 +47,7 @@ def test_toml_config_is_read_and_flags_override_it(tmp_path, capsys):
 ])
 def test_bad_input_gives_a_clear_error(tmp_path, capsys, args, message):
     (tmp_path / "empty.txt").write_text("\n# only a comment\n")
+    (tmp_path / "garbage.safetensors").write_bytes(b"not a checkpoint at all")
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     code = main(["train", "--steps", "1", "--out", str(tmp_path / "out"), *FAST[:2], *args])
     err = capsys.readouterr().err

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from lora_checks import assert_no_key_problems, captured_messages
 from peft.tuners.lora import LoraLayer
 
 from comfy_rft.backend import DiffusersBackend
@@ -62,21 +63,31 @@ def test_same_seed_gives_the_same_lora_bit_for_bit(tmp_path):
     assert all(torch.equal(files[0][k], files[1][k]) for k in files[0])
 
 
-def test_trained_lora_file_loads_in_diffusers_and_reproduces_the_model(tmp_path, sd15):
-    from diffusers import StableDiffusionPipeline
+@pytest.mark.parametrize("model", ["tiny-sd15", "tiny-sdxl"])
+def test_trained_lora_file_loads_in_diffusers_and_reproduces_the_model(tmp_path, model):
+    from diffusers import DiffusionPipeline
 
-    result, _, _ = _train(tmp_path, sd15, steps=2)
+    backend = DiffusersBackend.load(model, device="cpu")
+    result, _, _ = _train(tmp_path, backend, steps=2, model=model)
     tensors, metadata = read_lora(result.lora)
     assert all(k.startswith("lora_unet_") for k in tensors)
     assert metadata["comfy_rft.method"] == "draft" and metadata["comfy_rft.reward"] == "brightness"
-    pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dir("tiny-sd15"), local_files_only=True)
-    pipe.load_lora_weights(result.lora)
+    pipe = DiffusionPipeline.from_pretrained(tiny_model_dir(model), local_files_only=True)
+    with captured_messages() as messages:
+        pipe.load_lora_weights(result.lora)
+    assert_no_key_problems(messages)
     assert sum(isinstance(m, LoraLayer) for m in pipe.unet.modules()) == sum(
-        isinstance(m, LoraLayer) for m in sd15.denoiser.modules())
-    torch.manual_seed(0)
-    x = torch.randn(1, 4, 8, 8)
-    emb = torch.randn(1, 77, 32)
+        isinstance(m, LoraLayer) for m in backend.denoiser.modules())
+    cond = backend.encode(["a red circle"])
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        ours = sd15.denoiser(x, 500, encoder_hidden_states=emb).sample
-        theirs = pipe.unet(x, 500, encoder_hidden_states=emb).sample
+        ours = backend.predict(x, 500, cond)
+        backend.denoiser = pipe.unet  # the same conditioning, through diffusers' LoRA-loaded UNet
+        theirs = backend.predict(x, 500, cond)
+    assert not torch.allclose(ours, _base_output(model, x, cond), atol=1e-4)  # the LoRA does something
     torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=0)
+
+
+def _base_output(model, x, cond):
+    with torch.no_grad():
+        return DiffusersBackend.load(model, device="cpu").predict(x, 500, cond)

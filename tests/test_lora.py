@@ -1,13 +1,10 @@
 """LoRA files: bit-exact round trip, the kohya file contract, diffusers compatibility, strength and mixing."""
 
-import contextlib
 import json
-import logging
-import re
-import warnings
 
 import pytest
 import torch
+from lora_checks import assert_no_key_problems, captured_messages
 from safetensors.torch import save_file
 
 from comfy_rft.errors import UserError
@@ -77,37 +74,6 @@ def lora_paths(module):
     from peft.tuners.lora import LoraLayer
 
     return {name for name, m in module.named_modules() if isinstance(m, LoraLayer)}
-
-
-@contextlib.contextmanager
-def captured_messages():
-    """Collect diffusers/peft/transformers log records and Python warnings."""
-    messages = []
-
-    class Collect(logging.Handler):
-        def emit(self, record):
-            messages.append(record.getMessage())
-
-    handler = Collect(logging.WARNING)
-    loggers = [logging.getLogger(name) for name in ("diffusers", "peft", "transformers")]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:  # warnings must reach us even if something made these libraries quiet
-        logger.addHandler(handler)
-        logger.setLevel(logging.WARNING)
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            yield messages
-        messages += [str(w.message) for w in caught]
-    finally:
-        for logger, level in zip(loggers, levels):
-            logger.removeHandler(handler)
-            logger.setLevel(level)
-
-
-def assert_no_key_problems(messages):
-    bad = [m for m in messages if re.search(r"(unexpected|missing)( adapter)? keys", m, re.IGNORECASE)]
-    assert not bad, bad
 
 
 @pytest.mark.parametrize("name", ["tiny-sd15", "tiny-sdxl"])

@@ -1,7 +1,5 @@
 """Install layout, the ComfyUI entry point and the torchvision-free promise."""
 
-import asyncio
-import importlib.util
 import subprocess
 import sys
 import textwrap
