@@ -69,8 +69,13 @@ def cmd_demo(argv: list[str]) -> int:
     parser.add_argument("--steps", type=int, default=60, help="Optimiser steps.")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    import torch
+
     from comfy_rft.trainers import DraftConfig
 
+    # The tiny model's layers are too small to gain from threads; on a busy 2-core machine extra
+    # threads make steps stall for seconds.
+    torch.set_num_threads(1)
     config = build_config(DraftConfig, overrides=dict(
         model="tiny-sd15", reward="brightness", prompts=DEMO_PROMPTS, steps=args.steps, seed=args.seed,
         out=args.out, k=2, sampling_steps=4, guidance=3.0, lr=1e-2, batch_size=2, eval_samples=8))

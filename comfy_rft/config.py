@@ -61,8 +61,9 @@ class TrainConfig:
                                "in the file.", min=1e-8)
     lora_targets: str = option("to_q,to_k,to_v,to_out.0", "Comma-separated denoiser module names that get "
                                "a LoRA (attention projections by default).")
-    lora_init: str = option("gaussian", "LoRA init: 'gaussian' (A ~ N, B = 0) or 'default' (peft's Kaiming A).",
-                            choices=("gaussian", "default"))
+    lora_init: str = option("gaussian", "LoRA init of A (B starts at zero either way, so training starts at the "
+                            "base model): 'gaussian' (N(0, 1/r)) or 'kaiming' (peft's default).",
+                            choices=("gaussian", "kaiming"))
     sampling_steps: int = option(50, "DDIM steps per rollout.", min=1)
     eta: float = option(0.0, "DDIM η: 0 is deterministic DDIM, 1 is DDPM-like.", min=0.0, max=1.0)
     guidance: float = option(7.5, "Classifier-free guidance scale (1 disables CFG).", min=1.0)

@@ -133,6 +133,14 @@ def evaluate(method: Method, prompts: list[str], count: int, seed: int, batch_si
     return torch.cat(rewards), torch.cat(images)
 
 
+def add_run_lora(denoiser, config: TrainConfig) -> list[torch.nn.Parameter]:
+    """The run's trainable LoRA, initialised from the run's seed: the same seed gives the same start."""
+    torch.manual_seed(derive_seed(config.seed, "lora-init"))
+    targets = tuple(t.strip() for t in config.lora_targets.split(",") if t.strip())
+    peft_init = {"gaussian": "gaussian", "kaiming": True}[config.lora_init]
+    return lora.inject_lora(denoiser, config.lora_rank, config.lora_alpha, targets, init=peft_init)
+
+
 def _file_stem(method: str, reward: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{method}_{reward}").strip("-")
 
@@ -152,9 +160,7 @@ def train(method_cls: type[Method], config: TrainConfig, *, backend: DiffusersBa
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    torch.manual_seed(derive_seed(config.seed, "lora-init"))
-    targets = tuple(t.strip() for t in config.lora_targets.split(",") if t.strip())
-    params = lora.inject_lora(backend.denoiser, config.lora_rank, config.lora_alpha, targets, init=config.lora_init)
+    params = add_run_lora(backend.denoiser, config)
     optimizer = torch.optim.AdamW(params, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
                                   weight_decay=config.weight_decay)
 

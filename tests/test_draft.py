@@ -6,7 +6,7 @@ from lora_checks import assert_no_key_problems, captured_messages
 from peft.tuners.lora import LoraLayer
 
 from comfy_rft.backend import DiffusersBackend
-from comfy_rft.loop import train
+from comfy_rft.loop import add_run_lora, train
 from comfy_rft.lora import read_lora
 from comfy_rft.tiny import tiny_model_dir
 from comfy_rft.trainers.draft import DraftConfig, DraftMethod
@@ -27,14 +27,9 @@ def _train(tmp_path, backend, **options):
 
 
 def _lora_params_after_injection(backend, config):
-    """The adapter's initial values: the loop seeds its init, so a dry injection reproduces them."""
-    from comfy_rft import lora
-    from comfy_rft.loop import derive_seed
-
+    """The adapter's initial values: the loop seeds its init, so injecting into a fresh copy reproduces them."""
     probe = DiffusersBackend.load(config.model, device="cpu")
-    torch.manual_seed(derive_seed(config.seed, "lora-init"))
-    lora.inject_lora(probe.denoiser, config.lora_rank, config.lora_alpha, tuple(config.lora_targets.split(",")),
-                     init=config.lora_init)
+    add_run_lora(probe.denoiser, config)
     return _lora_params(probe.denoiser)
 
 

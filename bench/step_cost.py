@@ -1,0 +1,259 @@
+"""Time and memory of one DRaFT optimiser step: the library's real step next to a bare hand loop.
+
+For K (steps with gradient) in {1, 2, all} x T (DDIM steps) x gradient checkpointing on/off, one run
+measures the step `comfy_rft.loop.train` takes (DraftMethod.loss -> backward -> clip -> AdamW) and the
+same step written by hand against diffusers/peft/torch. The two are measured back to back per config,
+so library time / hand time is the library's overhead and machine drift hits both alike. The printed
+markdown table is what bench/README.md shows; its columns are explained there.
+
+    python bench/step_cost.py [--device cpu|cuda] [--repeats N] [--steps 10,25,50]
+                              [--model tiny-sd15|DIR] [--resolution PX] [--threads N] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import ctypes
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from comfy_rft import lora
+from comfy_rft.backend import DiffusersBackend
+from comfy_rft.rewards import load_reward
+from comfy_rft.trainers.draft import DraftConfig, DraftMethod
+
+PROMPTS = ["a photo of a cat", "a red circle"]  # batch 2
+GUIDANCE = 7.5
+RANK = ALPHA = 8
+LR, WEIGHT_DECAY, MAX_GRAD_NORM = 4e-4, 0.1, 1.0  # the library's defaults, given to both implementations
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # lora.DEFAULT_TARGETS, spelled out for the hand loop
+MiB = 2**20
+
+
+class LibraryStep:
+    """One optimiser step as `comfy_rft.loop.train` takes it (one micro-batch), through DraftMethod."""
+
+    def __init__(self, backend, reward, params, optimizer, steps: int, k: int, ckpt: bool, size: int):
+        self.config = DraftConfig(sampling_steps=steps, k=k, grad_checkpointing=ckpt, batch_size=len(PROMPTS),
+                                  guidance=GUIDANCE, resolution=size, max_grad_norm=MAX_GRAD_NORM)
+        self.method = DraftMethod(self.config, backend, reward)
+        self.method.check()
+        self.params, self.optimizer = params, optimizer
+
+    def __call__(self, seed: int) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.method.loss(PROMPTS, seed).loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, MAX_GRAD_NORM)
+        self.optimizer.step()
+
+
+class HandLoop:
+    """The same DRaFT step written directly against diffusers, peft and torch, using NO comfy_rft code.
+
+    A deliberate, minimal, independent implementation (DDIMScheduler.step with η=0, CFG, VAE decode,
+    brightness inline, a peft LoRA added with `unet.add_adapter`, AdamW): the floor the library's step
+    is compared against. Prompts are encoded once, as the library caches them. SD1.x/SD2 UNets only.
+    """
+
+    def __init__(self, pipe, size: int):
+        from diffusers import DDIMScheduler
+        from peft import LoraConfig
+
+        self.unet, self.vae = pipe.unet, pipe.vae
+        self.unet.requires_grad_(False)
+        self.vae.requires_grad_(False)
+        self.unet.add_adapter(LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=LORA_TARGETS,
+                                         init_lora_weights="gaussian"))
+        self.params = [p for p in self.unet.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=LR, weight_decay=WEIGHT_DECAY)
+        self.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        self.device = self.unet.device
+        with torch.no_grad():
+            cond, uncond = pipe.encode_prompt(PROMPTS, self.device, 1, True)
+        self.embeds = torch.cat([uncond, cond])
+        latent = size // 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.shape = (len(PROMPTS), self.unet.config.in_channels, latent, latent)
+
+    def _eps(self, x, t):
+        uncond, cond = self.unet(torch.cat([x, x]), t, encoder_hidden_states=self.embeds).sample.chunk(2)
+        return uncond + GUIDANCE * (cond - uncond)
+
+    def _decode(self, z):
+        return self.vae.decode(z / self.vae.config.scaling_factor).sample
+
+    def step(self, steps: int, k: int, ckpt: bool, seed: int) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.set_timesteps(steps, device=self.device)
+        x = torch.randn(self.shape, generator=torch.Generator().manual_seed(seed)).to(self.device)
+        for i, t in enumerate(self.scheduler.timesteps):
+            grad = i >= steps - k
+            with torch.set_grad_enabled(grad):
+                eps = checkpoint(self._eps, x, t, use_reentrant=False) if grad and ckpt else self._eps(x, t)
+                x = self.scheduler.step(eps, t, x).prev_sample
+        images = (checkpoint(self._decode, x, use_reentrant=False) if ckpt else self._decode(x)) / 2 + 0.5
+        luma = images.clamp(0, 1) * images.new_tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+        (-luma.sum(1).mean()).backward()
+        torch.nn.utils.clip_grad_norm_(self.params, MAX_GRAD_NORM)
+        self.optimizer.step()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def seconds(step, seed: int, device: torch.device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    step(seed)
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def saved_bytes(step, seed: int, weights: set[int]) -> int:
+    """Run the step and return the bytes autograd holds for backward: the unique storages of every
+    tensor packed by the forward, model weights excluded. Checkpointed regions pack through their own
+    hooks, so with checkpointing this is what stays held between them (inputs, scheduler math, decode)."""
+    held: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in weights:
+            held[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        step(seed)
+    return sum(held.values())
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def memory(step, seed: int, device: torch.device, weights: set[int]) -> tuple[int, float]:
+    """(saved bytes, peak bytes) of one (warm) step. Peak: on CUDA the allocator's peak above what was
+    allocated before the step; on CPU (Linux) the growth of the process's peak RSS over its RSS before
+    the step, after handing free heap pages back to the OS so that reusing them counts too."""
+    _sync(device)
+    if device.type == "cuda":
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        saved = saved_bytes(step, seed, weights)
+        return saved, torch.cuda.max_memory_allocated(device) - base
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        base = _status_kib("VmRSS")
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM (peak RSS) to the current RSS
+    except OSError:  # not Linux/glibc: no peak, the saved bytes still come
+        return saved_bytes(step, seed, weights), float("nan")
+    saved = saved_bytes(step, seed, weights)
+    return saved, (_status_kib("VmHWM") - base) * 1024
+
+
+def weight_storages(*modules) -> set[int]:
+    return {t.untyped_storage().data_ptr() for m in modules for t in [*m.parameters(), *m.buffers()]}
+
+
+def run(args) -> list[dict]:
+    device = torch.device(args.device)
+    backend = DiffusersBackend.load(args.model, device=args.device)
+    if backend.is_sdxl:
+        sys.exit("the hand loop is SD1.x/SD2 only: pass an SD1.x/SD2 model")
+    hand = HandLoop(copy.deepcopy(backend.pipe), args.resolution)  # same weights, separate modules
+    reward = load_reward("brightness").to(device)
+    params = lora.inject_lora(backend.denoiser, RANK, ALPHA)
+    optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=WEIGHT_DECAY)
+    weights = weight_storages(backend.denoiser, backend.vae, hand.unet, hand.vae, reward)
+
+    rows = []
+    for ckpt in (True, False):
+        for k_name in ("1", "2", "all"):
+            for steps in args.steps:
+                k = steps if k_name == "all" else int(k_name)
+                if k > steps:
+                    continue
+                lib = LibraryStep(backend, reward, params, optimizer, steps, k, ckpt, args.resolution)
+                impls = {"lib": lib, "hand": lambda seed: hand.step(steps, k, ckpt, seed)}
+                row = {"T": steps, "K": k_name, "ckpt": ckpt}
+                for name, step in impls.items():
+                    step(0)  # warm-up
+                    row[f"{name}_saved_mib"], row[f"{name}_peak_mib"] = (
+                        b / MiB for b in memory(step, 0, device, weights))
+                times = {name: [] for name in impls}
+                for seed in range(1, args.repeats + 1):  # interleaved: lib, hand, lib, hand, ...
+                    for name, step in impls.items():
+                        times[name].append(seconds(step, seed, device))
+                for name in impls:
+                    row[f"{name}_s"] = statistics.median(times[name])
+                row["ratio"] = row["lib_s"] / row["hand_s"]
+                rows.append(row)
+                print(f"  done T={steps} K={k_name} ckpt={'on' if ckpt else 'off'}", file=sys.stderr, flush=True)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    head = ("| ckpt | K | T | library s | hand s | library / hand | library saved MiB | hand saved MiB "
+            "| library peak MiB | hand peak MiB |")
+    lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
+    for r in rows:
+        lines.append(f"| {'on' if r['ckpt'] else 'off'} | {r['K']} | {r['T']} | {r['lib_s']:.3f} | {r['hand_s']:.3f} "
+                     f"| {r['ratio']:.2f} | {r['lib_saved_mib']:.1f} | {r['hand_saved_mib']:.1f} "
+                     f"| {r['lib_peak_mib']:.1f} | {r['hand_peak_mib']:.1f} |")
+    return "\n".join(lines)
+
+
+def flatness(rows: list[dict], limit: float = 1.2) -> str:
+    """The README's claim: with checkpointing, for fixed K the step's peak memory does not grow with T.
+    Memory proportional to T would make largest/smallest T_max/T_min (5 for T=10..50); flat is <= `limit`."""
+    verdicts, details = [], []
+    for k_name in ("1", "2"):
+        peaks = {r["T"]: r["lib_peak_mib"] for r in rows if r["ckpt"] and r["K"] == k_name}
+        if len(peaks) < 2:
+            continue
+        spread = max(peaks.values()) / min(peaks.values())
+        verdicts.append(spread <= limit)
+        details.append(f"K={k_name}: " + ", ".join(f"{p:.1f}" for p in peaks.values())
+                       + f" MiB at T={'/'.join(map(str, peaks))}, max/min {spread:.2f}")
+    answer = "yes" if verdicts and all(verdicts) else "no"
+    return f"memory flat in T for fixed K (library peak, checkpointing on, max/min <= {limit}): {answer} ({'; '.join(details)})"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed repeats per config after one warm-up")
+    parser.add_argument("--steps", default="10,25,50", help="comma-separated DDIM step counts T")
+    parser.add_argument("--model", default="tiny-sd15", help="tiny-sd15 or a local SD1.x/SD2 diffusers folder")
+    parser.add_argument("--resolution", type=int, default=64, help="image size in pixels")
+    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default: 1)")
+    parser.add_argument("--json", help="also write the rows and the run's settings to this JSON file")
+    args = parser.parse_args()
+    args.steps = [int(s) for s in args.steps.split(",")]
+    torch.set_num_threads(args.threads)
+
+    start = time.perf_counter()
+    rows = run(args)
+    wall = time.perf_counter() - start
+    print(table(rows))
+    print()
+    print(flatness(rows))
+    print(f"wall time {wall:.0f} s; device {args.device}, torch {torch.__version__}, {args.threads} thread(s), "
+          f"model {args.model}, {args.resolution} px, batch {len(PROMPTS)}, CFG {GUIDANCE}, "
+          f"median of {args.repeats} after 1 warm-up")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"settings": {**vars(args), "torch": torch.__version__, "wall_s": wall}, "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
