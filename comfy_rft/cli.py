@@ -1,4 +1,4 @@
-"""`comfy-rft` command line: train, demo.
+"""`comfy-rft` command line: train, demo, score, rewards.
 
 The one module of the engine that imports trainers/ (it is a face, like nodes/). Every training
 command prints, as its last stdout line, one JSON object: method, steps, reward_before,
@@ -82,7 +82,82 @@ def cmd_demo(argv: list[str]) -> int:
     return _run_training("draft", config)
 
 
-COMMANDS = {"train": cmd_train, "demo": cmd_demo}
+def _load_images(paths: list[str]):
+    import torch
+    from PIL import Image, UnidentifiedImageError
+
+    images = []
+    for path in paths:
+        try:
+            with Image.open(path) as img:
+                array = torch.frombuffer(bytearray(img.convert("RGB").tobytes()), dtype=torch.uint8)
+                images.append(array.view(img.height, img.width, 3).permute(2, 0, 1).float().div(255).unsqueeze(0))
+        except (OSError, UnidentifiedImageError) as err:
+            raise UserError(f"cannot read image {path}: {err}") from None
+    return images
+
+
+def cmd_score(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="comfy-rft score", description="Score images with a reward spec.")
+    parser.add_argument("--reward", required=True, help="Reward spec, e.g. aesthetic or brightness@0.5+jpeg@0.5.")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--prompt", default="", help="One prompt for every image.")
+    group.add_argument("--prompts", help="A text file with one prompt per image (or a single line for all).")
+    parser.add_argument("--json", action="store_true", help="Print JSON instead of a table.")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("images", nargs="+", help="Image files (PNG, JPEG, ...).")
+    args = parser.parse_args(argv)
+    import torch
+
+    from .loop import load_prompts
+    from .rewards import load_reward
+
+    prompts = load_prompts(args.prompts) if args.prompts else [args.prompt]
+    if len(prompts) not in (1, len(args.images)):
+        raise UserError(f"{args.prompts} has {len(prompts)} prompts for {len(args.images)} images; give one prompt "
+                        f"per image, or one for all")
+    prompts = prompts * len(args.images) if len(prompts) == 1 else prompts
+    reward = load_reward(args.reward).to(args.device)
+    parts = list(getattr(reward, "parts", []))
+    rows = []
+    for path, image, prompt in zip(args.images, _load_images(args.images), prompts):
+        image = image.to(args.device)
+        with torch.set_grad_enabled(False):
+            if parts:  # a weighted sum: show each term, and add them up rather than scoring twice
+                row = {part.name: part(image, [prompt]).item() for part in parts}
+                score = sum(w * row[part.name] for part, w in zip(parts, reward.weights))
+            else:
+                row, score = {}, reward(image, [prompt]).item()
+        row = {"image": path, "prompt": prompt, "score": score, **row}
+        rows.append(row)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        columns = ["image", "score", *[p.name for p in parts], "prompt"]
+        print("\t".join(columns))
+        for row in rows:
+            print("\t".join(f"{row[c]:.4f}" if isinstance(row[c], float) else str(row[c]) for c in columns))
+    return 0
+
+
+def cmd_rewards(argv: list[str]) -> int:
+    argparse.ArgumentParser(prog="comfy-rft rewards", description="List the built-in rewards.").parse_args(argv)
+    from .rewards import registry
+
+    print("Built-in rewards (use in --reward; combine as name@weight+name@weight):\n")
+    for name, builtin in sorted(registry.BUILTINS.items()):
+        kind = "differentiable" if builtin.differentiable else "not differentiable (LaSRO only)"
+        print(f"  {name:24s} {builtin.summary}\n  {'':24s} {kind}; files: {builtin.files}\n")
+    print("Your own reward: module:function(differentiable=true|false), called as fn(images [B,3,H,W] in [0,1], "
+          "prompts).")
+    print("Options for any term: target=T (score -|r-T|), normalize=prompt, rho=R with robust=adversarial|smooth "
+          "and samples=N (perturbation-robust gradient).")
+    print("Files are found in: an explicit option path, ComfyUI's models/rewards ($COMFYUI_DIR), "
+          "$COMFY_RFT_REWARDS_DIR, the local Hugging Face cache. Nothing is downloaded.")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "demo": cmd_demo, "score": cmd_score, "rewards": cmd_rewards}
 
 
 def main(argv: list[str] | None = None) -> int:
