@@ -13,6 +13,14 @@ import sys
 if importlib.util.find_spec("comfy_rft") is None:
     sys.path.append(os.path.dirname(os.path.abspath(__file__)))
 
+try:  # ComfyUI's model-folder registry: reward weights live in models/rewards (and extra_model_paths.yaml)
+    import folder_paths
+
+    folder_paths.folder_names_and_paths.setdefault(
+        "rewards", ([os.path.join(folder_paths.models_dir, "rewards")], {".pt", ".pth", ".safetensors", ".json"}))
+except ImportError:  # not running inside ComfyUI
+    pass
+
 
 async def comfy_entrypoint():
     """ComfyUI's V3 hook: an extension listing the pack's nodes."""

@@ -42,6 +42,25 @@ def test_comfyui_entry_point_imports_as_a_custom_node_package():
     assert out.stdout.strip() == "ok"
 
 
+def test_comfyui_gets_a_rewards_models_folder_that_the_engine_searches(tmp_path):
+    code = textwrap.dedent(f"""
+        import importlib.util, sys, types
+        folder_paths = types.ModuleType("folder_paths")  # the two names of ComfyUI's registry we use
+        folder_paths.models_dir = {str(tmp_path)!r}
+        folder_paths.folder_names_and_paths = {{}}
+        folder_paths.get_folder_paths = lambda name: folder_paths.folder_names_and_paths[name][0]
+        sys.modules["folder_paths"] = folder_paths
+        spec = importlib.util.spec_from_file_location("comfy-rft", {str(ROOT / "__init__.py")!r},
+                                                      submodule_search_locations=[{str(ROOT)!r}])
+        spec.loader.exec_module(importlib.util.module_from_spec(spec))
+        from comfy_rft.rewards.weights import reward_dirs
+        print(reward_dirs()[0])
+    """)
+    out = subprocess.run([sys.executable, "-c", code], cwd="/", capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == str(tmp_path / "rewards")
+
+
 def test_engine_imports_and_trains_with_torchvision_absent(tmp_path):
     """torchvision has no CPU build on the registries; nothing of ours may need it."""
     code = textwrap.dedent(f"""
