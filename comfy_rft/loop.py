@@ -7,7 +7,6 @@ plots are done here once.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import re
@@ -27,12 +26,7 @@ from .errors import UserError
 from .plots import image_grid, plot_curves
 from .rewards import Reward, load_reward
 from .sampler import GradPolicy, SamplerNoise, sample
-
-
-def derive_seed(*parts) -> int:
-    """A 63-bit seed from any parts (run seed, step, micro-batch…): independent streams, reproducible."""
-    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
+from .seeding import derive_seed
 
 
 def load_prompts(text_or_file: str) -> list[str]:
@@ -66,6 +60,7 @@ class Method:
     def __init__(self, config: TrainConfig, backend: DiffusersBackend, reward: Reward):
         self.config, self.backend, self.reward = config, backend, reward
         self.size = config.resolution or backend.resolution
+        self.params: list[torch.nn.Parameter] = []  # the trainable adapter, set by the loop
 
     def check(self) -> None:
         """Method-specific validation against the loaded model and reward (UserError on misuse)."""
@@ -76,6 +71,9 @@ class Method:
 
     def loss(self, prompts: list[str], seed: int) -> StepOutput:
         raise NotImplementedError
+
+    def after_backward(self) -> None:
+        """Called after each micro-batch's backward, before clipping and the optimiser step (SAM restores θ here)."""
 
     def noise(self, batch: int, seed: int) -> SamplerNoise:
         shape = self.backend.latent_shape(batch, self.size, self.size)
@@ -160,7 +158,7 @@ def train(method_cls: type[Method], config: TrainConfig, *, backend: DiffusersBa
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    params = add_run_lora(backend.denoiser, config)
+    params = method.params = add_run_lora(backend.denoiser, config)
     optimizer = torch.optim.AdamW(params, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
                                   weight_decay=config.weight_decay)
 
@@ -182,6 +180,7 @@ def train(method_cls: type[Method], config: TrainConfig, *, backend: DiffusersBa
                 batch = [order.choice(prompts) for _ in range(config.batch_size)]
                 output = method.loss(batch, derive_seed(config.seed, "step", step, micro))
                 (output.loss / config.grad_accum).backward()
+                method.after_backward()
                 step_rewards.append(output.rewards.float().cpu())
                 for k, v in output.metrics.items():
                     extra[k] = extra.get(k, 0.0) + float(v) / config.grad_accum
@@ -201,6 +200,7 @@ def train(method_cls: type[Method], config: TrainConfig, *, backend: DiffusersBa
     except KeyboardInterrupt:  # keep the work done so far: the LoRA below is still written
         interrupted = True
     finally:
+        method.after_backward()  # an interrupted SAM step must not leave the LoRA at θ + ε
         bar.close()
         metrics_file.close()
 

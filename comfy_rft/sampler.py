@@ -92,10 +92,13 @@ class SampleResult:
 
 def sample(backend, cond: Cond, noise: SamplerNoise, *, num_steps: int, eta: float = 0.0, guidance: float = 7.5,
            policy: GradPolicy = GradPolicy("none"), rng: random.Random | None = None,
-           use_checkpoint: bool = True, record: bool = False) -> SampleResult:
-    """Run DDIM(η) from noise.initial to x0; gradient flows through the steps `policy` names."""
+           use_checkpoint: bool = True, record: bool = False, stop_before: int | None = None) -> SampleResult:
+    """Run DDIM(η) from noise.initial to x0; gradient flows through the steps `policy` names.
+
+    `stop_before=i` returns the latent that enters step i instead (ReFL takes x̂0 from there).
+    """
     schedule = backend.schedule
-    timesteps = schedule.timesteps(num_steps)
+    timesteps = schedule.timesteps(num_steps)[:stop_before]
     grad_steps = policy.grad_steps(num_steps, rng)
     first_grad = min(grad_steps, default=num_steps)
     trajectory = Trajectory() if record else None

@@ -4,9 +4,11 @@
 """
 
 from .draft import DraftConfig, DraftMethod
+from .rsaft import RsaftConfig, RsaftMethod
 
 METHODS = {
     "draft": (DraftConfig, DraftMethod),
+    "rsaft": (RsaftConfig, RsaftMethod),
 }
 
-__all__ = ["METHODS", "DraftConfig", "DraftMethod"]
+__all__ = ["METHODS", "DraftConfig", "DraftMethod", "RsaftConfig", "RsaftMethod"]

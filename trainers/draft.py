@@ -3,23 +3,19 @@
 Backpropagate the reward of the decoded sample through the sampler into the LoRA:
 - full DRaFT: gradient through every step (K = sampling steps);
 - DRaFT-K: gradient through the last K steps only (K=1 recommended: larger K explodes gradients);
-- DRaFT-LV: sample x0 without gradient, re-noise it n times to the last timestep t1, re-run the last
-  step through the LoRA'd denoiser for each copy and average the n rewards (x0 itself is not
-  scored). Unlike a public baseline, the denoiser IS re-evaluated on each re-noised input, so the
-  extra samples carry gradient (research/algorithms.md §2.4).
+- DRaFT-LV: sample x0 without gradient, re-noise it n times to the last timestep, re-run the last
+  step through the LoRA'd denoiser for each copy and average the n rewards.
+The rollouts themselves live in comfy_rft.truncation, shared with RSA-FT.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-from torch.utils.checkpoint import checkpoint
-
 from comfy_rft.config import TrainConfig, option
 from comfy_rft.errors import UserError
-from comfy_rft.loop import Method, StepOutput, derive_seed
-from comfy_rft.sampler import GradPolicy, sample
+from comfy_rft.loop import Method, StepOutput
+from comfy_rft.truncation import Truncation, reward_latents
 
 
 @dataclass
@@ -32,6 +28,11 @@ class DraftConfig(TrainConfig):
     lv_samples: int = option(0, "DRaFT-LV: number n of re-noised copies of the final sample whose last step is "
                              "re-run with gradient (paper: n=2). 0 disables LV. Requires K=1.", min=0)
 
+    def truncation(self) -> Truncation:
+        if self.lv_samples:
+            return Truncation("draft-lv", lv_samples=self.lv_samples)
+        return Truncation("draft-k", k=self.k)
+
 
 class DraftMethod(Method):
     name = "draft"
@@ -39,39 +40,21 @@ class DraftMethod(Method):
     def check(self) -> None:
         super().check()
         c = self.config
-        if c.k > c.sampling_steps:
-            raise UserError(f"K={c.k} is larger than the number of sampling steps ({c.sampling_steps}): "
-                            f"lower --k or raise --sampling-steps (K equal to the steps is full DRaFT)")
-        if c.lv_samples and c.k != 1:
+        if c.truncation().base == "draft-lv" and c.k != 1:
             raise UserError(f"DRaFT-LV re-runs only the last step, so it needs K=1 (got --k {c.k}); "
                             f"drop --lv-samples or use --k 1")
+        c.truncation().validate(c.sampling_steps)
 
-    def loss(self, prompts: list[str], seed: int) -> StepOutput:
+    def rollout(self, prompts: list[str], seed: int):
+        """Decoded images carrying gradient per the config's truncation, and the prompt of each image."""
         c, backend = self.config, self.backend
         cond = backend.encode(prompts, self.size, self.size)
-        policy = GradPolicy("none") if c.lv_samples else GradPolicy("last_k", k=c.k)
-        result = sample(backend, cond, self.noise(len(prompts), seed), num_steps=c.sampling_steps, eta=c.eta,
-                        guidance=c.guidance, policy=policy, use_checkpoint=c.grad_checkpointing)
-        if c.lv_samples:
-            latents, prompts = self._lv_last_step(result.latents.detach(), cond, prompts, seed)
-        else:
-            latents = result.latents
-        rewards = self.reward(backend.decode(latents, use_checkpoint=c.grad_checkpointing), prompts)
+        latents, prompts = reward_latents(backend, cond, prompts, self.noise(len(prompts), seed), seed,
+                                          c.truncation(), num_steps=c.sampling_steps, eta=c.eta,
+                                          guidance=c.guidance, use_checkpoint=c.grad_checkpointing)
+        return backend.decode(latents, use_checkpoint=c.grad_checkpointing), prompts
+
+    def loss(self, prompts: list[str], seed: int) -> StepOutput:
+        images, prompts = self.rollout(prompts, seed)
+        rewards = self.reward(images, prompts)
         return StepOutput(loss=-rewards.mean(), rewards=rewards.detach())
-
-    def _lv_last_step(self, x0, cond, prompts, seed):
-        """Re-noise x0 to the last timestep t1 n times and re-run that step with gradient (DRaFT-LV)."""
-        c, schedule = self.config, self.backend.schedule
-        n = c.lv_samples
-        t1 = schedule.timesteps(c.sampling_steps)[-1]
-        gen = torch.Generator("cpu").manual_seed(derive_seed(seed, "lv"))
-        renoise, step_noise = torch.randn((2, n * x0.shape[0], *x0.shape[1:]), generator=gen).to(x0)
-        x1 = schedule.add_noise(x0.repeat_interleave(n, 0), renoise, t1)
-        cond_n = cond.repeat_interleave(n)
-
-        def model_output(x):
-            return self.backend.predict(x, t1, cond_n, c.guidance)
-
-        out = checkpoint(model_output, x1, use_reentrant=False) if c.grad_checkpointing else model_output(x1)
-        step = schedule.step_distribution(out, x1, t1, schedule.previous(t1, c.sampling_steps), c.eta)
-        return step.mean + step.std * step_noise, [p for p in prompts for _ in range(n)]

@@ -17,13 +17,18 @@ from .base import Reward
 MODES = ("adversarial", "smooth")
 
 
-def _unit_gradient(reward: Reward, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-    """∇ₓr / ‖∇ₓr‖ per sample, detached (zero where the gradient is zero)."""
+def unit_per_sample(grad: torch.Tensor) -> torch.Tensor:
+    """Each sample's gradient scaled to unit L2 norm (zero where the gradient is zero)."""
+    norms = grad.flatten(1).norm(dim=1).view(-1, *([1] * (grad.dim() - 1)))
+    return grad / norms.clamp_min(1e-12)
+
+
+def reward_gradient_direction(reward: Reward, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    """∇ₓr / ‖∇ₓr‖ per sample, detached: the direction of steepest reward increase in image space."""
     with torch.enable_grad():
         x = images.detach().requires_grad_(True)
         (grad,) = torch.autograd.grad(reward(x, prompts).sum(), x)
-    norms = grad.flatten(1).norm(dim=1).view(-1, *([1] * (grad.dim() - 1)))
-    return grad / norms.clamp_min(1e-12)
+    return unit_per_sample(grad)
 
 
 class RobustReward(Reward):
@@ -45,7 +50,7 @@ class RobustReward(Reward):
         if self.rho == 0:
             return self.inner(images, prompts)
         if self.mode == "adversarial":
-            return self.inner(images - self.rho * _unit_gradient(self.inner, images, prompts), prompts)
+            return self.inner(images - self.rho * reward_gradient_direction(self.inner, images, prompts), prompts)
         noise = torch.randn((self.samples, *images.shape), device=images.device, dtype=images.dtype)
         return torch.stack([self.inner(images + self.rho * n, prompts) for n in noise]).mean(0)
 
@@ -54,7 +59,7 @@ def sharpness(reward: Reward, images: torch.Tensor, prompts: list[str], rho: flo
     """S1 = E[r(x) − r(x − ρ∇r/‖∇r‖)]: how much the score drops under the worst small perturbation."""
     with torch.no_grad():
         clean = reward(images, prompts)
-    direction = _unit_gradient(reward, images, prompts)
+    direction = reward_gradient_direction(reward, images, prompts)
     with torch.no_grad():
         perturbed = reward(images - rho * direction, prompts)
     return (clean - perturbed).mean()
