@@ -157,7 +157,37 @@ def cmd_rewards(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "demo": cmd_demo, "score": cmd_score, "rewards": cmd_rewards}
+def cmd_push(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="comfy-rft push",
+        description="Publish a LoRA file to the Hugging Face Hub with its sample images and a model card built "
+                    "from the file's metadata, in one commit (the repo is created if missing). The token comes "
+                    "from HF_TOKEN or `hf auth login`; HF_ENDPOINT selects another Hub.")
+    parser.add_argument("lora", metavar="LORA_FILE", help="A .safetensors LoRA written by comfy-rft (or any kohya LoRA).")
+    parser.add_argument("--repo", required=True, help="Hub repo id, user/name or org/name.")
+    parser.add_argument("--private", action="store_true", help="Create the repo private (an existing repo keeps "
+                        "its visibility).")
+    parser.add_argument("--samples", metavar="DIR", help="A folder of sample images for the card's gallery "
+                        "(default: before_after.png and reward_curve.png next to the LoRA file, if there).")
+    parser.add_argument("--revision", metavar="BRANCH", help="Commit to this branch (created from main if missing).")
+    parser.add_argument("--base-model", help="Hub id of the base model for the card (default: the one in the file, "
+                        "or the reference model of its architecture when it was trained on a local model).")
+    parser.add_argument("--license", help="License id for the card (default: the base model family's license).")
+    parser.add_argument("--message", help="Commit message.")
+    args = parser.parse_args(argv)
+    from .hub import push_lora, run_files, sample_images
+
+    samples, curve, metrics = run_files(args.lora)
+    if args.samples:
+        samples, curve = sample_images(args.samples)
+    url = push_lora(args.lora, args.repo, samples=samples, reward_curve=curve, metrics=metrics, private=args.private,
+                    revision=args.revision, base_model=args.base_model, license=args.license,
+                    commit_message=args.message)
+    print(url, flush=True)
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "demo": cmd_demo, "score": cmd_score, "rewards": cmd_rewards, "push": cmd_push}
 
 
 def main(argv: list[str] | None = None) -> int:

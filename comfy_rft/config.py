@@ -73,6 +73,9 @@ class TrainConfig:
     eval_samples: int = option(4, "Images (fixed prompts and seeds) scored before and after training to "
                                "report reward_before / reward_after.", min=1)
     device: str = option("auto", "cpu, cuda, cuda:N or auto.")
+    push_to_hub: str = option("", "After training, publish the LoRA, its before/after samples and a model card to "
+                              "this Hugging Face Hub repo (user/name), in one commit; empty: don't push. The token "
+                              "comes from HF_TOKEN or `hf auth login`, never from an option.")
 
     def validate(self) -> None:
         """Check every bound and choice; raise UserError naming the option and the fix."""

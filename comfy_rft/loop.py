@@ -99,6 +99,7 @@ class TrainResult:
     seconds: float
     out: str
     interrupted: bool = False
+    hub_url: str = ""
 
     def summary(self) -> dict:
         return dict(self.__dict__)
@@ -149,6 +150,11 @@ def train(method_cls: type[Method], config: TrainConfig, *, backend: DiffusersBa
     """Train a LoRA with `method_cls` and write it, its metrics and plots under `config.out`."""
     start = time.perf_counter()
     config.validate()
+    if config.push_to_hub:  # a bad repo id or a missing token should stop the run now, not after training
+        from .hub import resolve_token, validate_repo_id
+
+        validate_repo_id(config.push_to_hub)
+        resolve_token()
     prompts = load_prompts(config.prompts)
     device = _resolve_device(config.device)
     backend = backend or DiffusersBackend.load(config.model, device=device, model_config=config.model_config or None)
@@ -222,4 +228,15 @@ def train(method_cls: type[Method], config: TrainConfig, *, backend: DiffusersBa
                          reward_after=rewards_after.mean().item(), lora=str(lora_path),
                          seconds=round(time.perf_counter() - start, 3), out=str(out), interrupted=interrupted)
     (out / "summary.json").write_text(json.dumps(result.summary(), indent=2))
+    if config.push_to_hub:
+        from .hub import push_lora
+
+        try:
+            result.hub_url = push_lora(lora_path, config.push_to_hub, samples=[out / "before_after.png"],
+                                       reward_curve=out / "reward_curve.png",
+                                       config={"method": method.name, **config.to_dict()}, metrics=result.summary())
+        except UserError as err:
+            raise UserError(f"{err} The run's files are in {out}; push them later with `comfy-rft push "
+                            f"{lora_path} --repo {config.push_to_hub}`.") from None
+        (out / "summary.json").write_text(json.dumps(result.summary(), indent=2))
     return result
