@@ -45,6 +45,7 @@ class DiffusersBackend:
         self.device = torch.device(device) if device is not None else pipe.unet.device
         pipe.to(self.device)
         self.denoiser = pipe.unet
+        self.dtype = pipe.unet.dtype  # diffusers walks every module to answer unet.dtype: ask once
         self.vae = pipe.vae
         self.is_sdxl = getattr(pipe, "text_encoder_2", None) is not None
         for module in (pipe.unet, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
@@ -109,8 +110,7 @@ class DiffusersBackend:
     # ---- model -------------------------------------------------------------------------------
     def predict(self, x: torch.Tensor, t: int, cond: Cond, guidance: float = 1.0) -> torch.Tensor:
         """The denoiser's output (ε or v) at x_t, with classifier-free guidance when guidance != 1."""
-        unet = self.denoiser
-        dtype = unet.dtype
+        unet, dtype = self.denoiser, self.dtype
         if guidance == 1.0:
             inputs, embeds, pooled, time_ids = x, cond.embeds, cond.pooled, cond.time_ids
         else:

@@ -68,10 +68,28 @@ class TrainConfig:
     eta: float = option(0.0, "DDIM η: 0 is deterministic DDIM, 1 is DDPM-like.", min=0.0, max=1.0)
     guidance: float = option(7.5, "Classifier-free guidance scale (1 disables CFG).", min=1.0)
     resolution: int = option(0, "Image size in pixels (0: the model's native size).", min=0)
-    grad_checkpointing: bool = option(True, "Recompute each denoiser call and the VAE decode in backward, so "
-                                      "memory does not grow with the number of gradient steps.")
-    eval_samples: int = option(4, "Images (fixed prompts and seeds) scored before and after training to "
-                               "report reward_before / reward_after.", min=1)
+    grad_checkpointing: bool = option(True, "Recompute each denoiser call and the VAE decode in backward: "
+                                      "activation memory stays flat in the number of sampling steps and grows "
+                                      "only slowly (the autograd graph) with the number of gradient steps.")
+    eval_samples: int = option(4, "Images (fixed prompts and seeds, prompts cycled) scored before, during and "
+                               "after training; use at least twice the number of prompts for the diversity score.",
+                               min=1)
+    eval_every: int = option(0, "Evaluate every N steps (0: only before and after training).", min=0)
+    eval_prompts: str = option("", "Held-out prompts for evaluation (a file or text, like --prompts); empty: the "
+                               "training prompts.")
+    eval_rewards: str = option("", "Held-out rewards the run does not optimise, comma-separated specs (e.g. "
+                               "pickscore,imagereward): logged at every evaluation to expose reward hacking.")
+    checkpoint_every: int = option(100, "Write a resumable checkpoint every N steps (0: only at the end and on "
+                                   "interrupt).", min=0)
+    keep_checkpoints: int = option(3, "How many checkpoints to keep (the newest).", min=1)
+    resume: str = option("", "Continue a run: 'latest' (the newest checkpoint in --out) or a checkpoint file. "
+                         "The options must match the run's (steps may grow).")
+    log_to: str = option("", "Extra metric sinks besides metrics.jsonl: tensorboard, wandb (comma-separated).")
+    mixed_precision: str = option("no", "Autocast the rollout and reward in bf16 or fp16 (LoRA weights and the "
+                                  "optimiser stay fp32). fp16 needs CUDA.", choices=("no", "bf16", "fp16"))
+    optimizer: str = option("adamw", "adamw, or adamw8bit (bitsandbytes' 8-bit AdamW; needs bitsandbytes).",
+                            choices=("adamw", "adamw8bit"))
+    lr_warmup_steps: int = option(0, "Linear learning-rate warm-up over the first N steps, then constant.", min=0)
     device: str = option("auto", "cpu, cuda, cuda:N or auto.")
     push_to_hub: str = option("", "After training, publish the LoRA, its before/after samples and a model card to "
                               "this Hugging Face Hub repo (user/name), in one commit; empty: don't push. The token "

@@ -18,6 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .backend import Cond
 from .errors import UserError
+from .seeding import derive_seed
 
 POLICY_MODES = ("none", "all", "last_k", "random_k", "step")
 
@@ -59,17 +60,25 @@ class GradPolicy:
 
 @dataclass
 class SamplerNoise:
-    """The initial latent and every per-step noise of one rollout, drawn from one seed."""
+    """The initial latent and every per-step noise of one rollout.
+
+    Each sample's noise comes from its own seed, so a sample draws the same noise whether it is
+    rendered in a batch of 4, in two micro-batches of 2, or on one of two processes.
+    """
 
     initial: torch.Tensor
     steps: list[torch.Tensor]
+    sample_seeds: tuple[int, ...] = ()
 
     @classmethod
-    def from_seed(cls, seed: int, shape: tuple[int, ...], num_steps: int, device="cpu", dtype=torch.float32):
-        gen = torch.Generator("cpu").manual_seed(seed)
-        draws = torch.randn((num_steps + 1, *shape), generator=gen, dtype=torch.float32)
+    def from_seed(cls, seed: int, shape: tuple[int, ...], num_steps: int, device="cpu", dtype=torch.float32,
+                  first_index: int = 0):
+        """Noise for samples first_index .. first_index + shape[0] - 1 of the rollout keyed by `seed`."""
+        seeds = tuple(derive_seed(seed, "sample", first_index + i) for i in range(shape[0]))
+        draws = torch.stack([torch.randn((num_steps + 1, *shape[1:]), generator=torch.Generator("cpu").manual_seed(s))
+                             for s in seeds], dim=1)
         draws = draws.to(device=device, dtype=dtype)
-        return cls(initial=draws[0], steps=list(draws[1:]))
+        return cls(initial=draws[0], steps=list(draws[1:]), sample_seeds=seeds)
 
 
 @dataclass

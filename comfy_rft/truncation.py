@@ -65,8 +65,8 @@ def reward_latents(backend, cond: Cond, prompts: list[str], noise: SamplerNoise,
         out = _predict(backend, x, t, cond, guidance, use_checkpoint)
         return backend.schedule.x0_and_eps(out, x, t)[0], prompts
     x0 = sample(backend, cond, noise, **common).latents.detach()
-    return _lv_last_step(backend, x0, cond, prompts, seed, truncation.lv_samples, num_steps, eta, guidance,
-                         use_checkpoint)
+    return _lv_last_step(backend, x0, cond, prompts, noise.sample_seeds, truncation.lv_samples, num_steps, eta,
+                         guidance, use_checkpoint)
 
 
 def _predict(backend, x, t, cond, guidance, use_checkpoint):
@@ -76,7 +76,7 @@ def _predict(backend, x, t, cond, guidance, use_checkpoint):
     return checkpoint(model_output, x, use_reentrant=False) if use_checkpoint else model_output(x)
 
 
-def _lv_last_step(backend, x0, cond, prompts, seed, n, num_steps, eta, guidance, use_checkpoint):
+def _lv_last_step(backend, x0, cond, prompts, sample_seeds, n, num_steps, eta, guidance, use_checkpoint):
     """DRaFT-LV: re-noise x0 to the last timestep t1 n times and re-run that step with gradient.
 
     Unlike a public baseline, the denoiser IS re-evaluated on each re-noised input, so the extra
@@ -84,8 +84,9 @@ def _lv_last_step(backend, x0, cond, prompts, seed, n, num_steps, eta, guidance,
     """
     schedule = backend.schedule
     t1 = schedule.timesteps(num_steps)[-1]
-    gen = torch.Generator("cpu").manual_seed(derive_seed(seed, "lv"))
-    renoise, step_noise = torch.randn((2, n * x0.shape[0], *x0.shape[1:]), generator=gen).to(x0)
+    renoise, step_noise = torch.cat([  # per sample, like the rollout's own noise
+        torch.randn((2, n, *x0.shape[1:]), generator=torch.Generator("cpu").manual_seed(derive_seed(s, "lv")))
+        for s in sample_seeds], dim=1).to(x0)
     x1 = schedule.add_noise(x0.repeat_interleave(n, 0), renoise, t1)
     cond_n = cond.repeat_interleave(n)
     out = _predict(backend, x1, t1, cond_n, guidance, use_checkpoint)

@@ -21,7 +21,9 @@ def test_train_prints_the_summary_json_as_last_line(tmp_path, capsys):
     summary = _last_json(capsys)
     assert {"method", "steps", "reward_before", "reward_after", "lora", "seconds"} <= summary.keys()
     assert summary["method"] == "draft" and summary["steps"] == 2
-    assert (tmp_path / "metrics.jsonl").read_text().count("\n") == 2
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["kind"] == "train"] == [1, 2]
+    assert [r["step"] for r in rows if r["kind"] == "eval"] == [0, 2]
     for name in ("reward_curve.png", "before_after.png", summary["lora"]):
         assert (tmp_path / name).exists()
 

@@ -9,7 +9,9 @@ from PIL import Image, ImageDraw, ImageFont
 from comfy_rft.backend import DiffusersBackend
 from comfy_rft.cli import main
 from comfy_rft.errors import UserError
-from comfy_rft.loop import derive_seed, evaluate, train
+from comfy_rft.evaluation import evaluate
+from comfy_rft.loop import train
+from comfy_rft.seeding import derive_seed
 from comfy_rft.rewards import load_reward, parse_spec
 from comfy_rft.rewards.base import Reward
 from comfy_rft.rewards.robust import RobustReward, sharpness
@@ -123,11 +125,17 @@ def test_robust_gradient_reaches_the_pixels_through_the_perturbed_point():
 
 
 class Rippled(Reward):
-    """A sharp synthetic reward: brightness with narrow ripples (period 0.03) fading as images brighten."""
+    """A sharp synthetic reward: (b − 0.3)²·sin(100·u), b the brightness, u the red−blue balance.
+
+    Its expected value does not depend on where the generator goes, but its gradient is steep
+    except on the ripples' crests and troughs: plain training has no reason to seek the flat
+    spots, a robust objective (≈ r − ρ‖∇r‖ to first order) does.
+    """
 
     def forward(self, images, prompts):
         b = Brightness()(images, prompts)
-        return b + 0.05 * (1 - b) * torch.sin(200 * b)
+        u = images[:, 0].mean(dim=(1, 2)) - images[:, 2].mean(dim=(1, 2))
+        return (b - 0.3) ** 2 * torch.sin(100 * u)
 
 
 def test_robust_training_lowers_sharpness_against_plain_training(tmp_path):
@@ -140,9 +148,9 @@ def test_robust_training_lowers_sharpness_against_plain_training(tmp_path):
         config = DraftConfig(prompts="\n".join(prompts), out=str(tmp_path / label), steps=30, k=2, sampling_steps=4,
                              guidance=3.0, lr=1e-2, batch_size=2, eval_samples=2)
         train(DraftMethod, config, backend=backend, reward=wrap(Rippled().freeze()), progress=False)
-        _, images = evaluate(DraftMethod(config, backend, Rippled()), prompts, 16, derive_seed(0, "x"), 8)
+        images = evaluate(DraftMethod(config, backend, Rippled()), prompts, 16, derive_seed(0, "x"), 8).images
         sharp[label] = sharpness(Rippled(), images, prompts * 8, rho).item()
-    assert sharp["robust"] < 0.6 * sharp["plain"], sharp
+    assert sharp["robust"] < 0.5 * sharp["plain"], sharp
 
 
 @pytest.mark.parametrize("spec", ["jpeg", "brightness@0.5+jpeg@0.5"])

@@ -135,7 +135,7 @@ def test_rsaft_cli_raises_the_reward_and_changes_every_lora_parameter(tmp_path, 
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["method"] == "rsaft" and summary["reward_after"] > summary["reward_before"] + 0.005, summary
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert {"proxy_reward", "robust_reward", "sharpness_s1", "grad_norm_theta"} <= rows[0].keys()
+    assert {"proxy_reward", "robust_reward", "sharpness_s1", "grad_norm_theta"} <= rows[1].keys()
     initial = DiffusersBackend.load("tiny-sd15", device="cpu")
     add_run_lora(initial.denoiser, RsaftConfig(seed=0))  # the same seeded init as the run's
     start, (trained, _) = lora_state_dict(initial.denoiser), read_lora(summary["lora"])
