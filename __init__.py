@@ -26,10 +26,10 @@ async def comfy_entrypoint():
     """ComfyUI's V3 hook: an extension listing the pack's nodes."""
     from comfy_api.latest import ComfyExtension
 
-    from comfy_rft.nodes import NODE_CLASSES
+    from comfy_rft.nodes import comfy_node_classes
 
     class RewardFineTuning(ComfyExtension):
         async def get_node_list(self):
-            return list(NODE_CLASSES)
+            return comfy_node_classes()
 
     return RewardFineTuning()

@@ -487,3 +487,102 @@ def mix_loras(unet: nn.Module, loras, text_encoders: dict | None = None, adapter
                 for name, (_, weight) in zip(names, loras):
                     layer.set_scale(name, weight)
     return names
+
+
+# ---------------------------------------------------------------- LDM (ComfyUI) names -> diffusers names
+
+_RESNET_FROM_SGM = {v: k for k, v in _SGM_RESNET.items()}
+_TOP_FROM_SGM = {v: k for k, v in _SGM_TOP.items()}
+_MID_FROM_SGM = {v: k for k, v in _SGM_MID.items()}
+
+
+def _resnet_rest(rest: list[str]) -> list[str] | None:
+    for sgm, diffusers in _RESNET_FROM_SGM.items():
+        n = sgm.count(".") + 1
+        if ".".join(rest[:n]) == sgm:
+            return [diffusers, *rest[n:]]
+    return None
+
+
+def ldm_unet_path_to_diffusers(path: str, layers_per_block: int) -> str | None:
+    """The diffusers path of a layer of an LDM-named SD1.x/SD2/SDXL UNet (ComfyUI's `diffusion_model` names).
+
+    The inverse of the diffusers -> LDM mapping the export uses for SDXL (`_sgm_path`): `layers_per_block`
+    is the UNet's resnets per down block (ComfyUI's `num_res_blocks`; 2 for SD1.x/SD2/SDXL). An up block's
+    upsampler is `output_blocks.<k>.1` when the block has no attention (its layer is `conv`), `.2` otherwise.
+    None when the layer has no diffusers counterpart.
+    """
+    for sgm, diffusers in _TOP_FROM_SGM.items():
+        if path == sgm or path.startswith(sgm + "."):
+            return diffusers + path[len(sgm):]
+    parts = path.split(".")
+    n = layers_per_block + 1
+    if parts[0] == "middle_block":  # middle_block.<0|1|2>.<rest>
+        try:
+            kind, j = _MID_FROM_SGM[int(parts[1])]
+        except (IndexError, ValueError, KeyError):
+            return None
+        rest = parts[2:] if kind == "attentions" else _resnet_rest(parts[2:])
+        return None if rest is None else ".".join(["mid_block", kind, str(j), *rest])
+    try:
+        group, k, m, rest = parts[0], int(parts[1]), int(parts[2]), parts[3:]
+    except (IndexError, ValueError):
+        return None
+    if group == "input_blocks" and k >= 1:
+        i, j = (k - 1) // n, (k - 1) % n
+        if j == n - 1:  # the down block's downsampler: input_blocks.<k>.0.op
+            if m != 0 or not rest or rest[0] != "op":
+                return None
+            return ".".join(["down_blocks", str(i), "downsamplers", "0", "conv", *rest[1:]])
+        if m == 0:
+            rest = _resnet_rest(rest)
+            return None if rest is None else ".".join(["down_blocks", str(i), "resnets", str(j), *rest])
+        if m == 1:
+            return ".".join(["down_blocks", str(i), "attentions", str(j), *rest])
+        return None
+    if group == "output_blocks":
+        i, j = k // n, k % n
+        if m == 0:
+            rest = _resnet_rest(rest)
+            return None if rest is None else ".".join(["up_blocks", str(i), "resnets", str(j), *rest])
+        if j == n - 1 and (m == 2 or (m == 1 and rest[:1] == ["conv"])):
+            return ".".join(["up_blocks", str(i), "upsamplers", "0", *rest])
+        if m == 1:
+            return ".".join(["up_blocks", str(i), "attentions", str(j), *rest])
+    return None
+
+
+def kohya_module_name(prefix: str, path: str) -> str:
+    """The kohya module name of a layer path: `<prefix>_<path with . -> _>` (e.g. prefix lora_unet)."""
+    return f"{prefix}_" + path.replace(".", "_")
+
+
+def ldm_to_diffusers_lora_names(ldm_paths, layers_per_block: int) -> dict[str, str]:
+    """{kohya name from the LDM path: kohya name from the diffusers path} for the given UNet layer paths.
+
+    Raises UserError naming the layers that have no diffusers name (so no file is half renamed).
+    """
+    mapping, missing = {}, []
+    for path in ldm_paths:
+        diffusers = ldm_unet_path_to_diffusers(path, layers_per_block)
+        if diffusers is None:
+            missing.append(path)
+        else:
+            mapping[kohya_module_name("lora_unet", path)] = kohya_module_name("lora_unet", diffusers)
+    if missing:
+        raise UserError(f"{len(missing)} UNet layer(s) have no diffusers name (e.g. {missing[:3]}), so a diffusers-"
+                        f"named file cannot hold them; target layers inside the down/mid/up blocks")
+    return mapping
+
+
+def rename_lora_modules(state_dict: dict, mapping: dict[str, str]) -> dict:
+    """The state dict with each kohya module name (the part before the first '.') renamed by `mapping`;
+    names not in `mapping` are kept."""
+    out = {}
+    for key, tensor in state_dict.items():
+        name, dot, suffix = key.partition(".")
+        new_key = mapping.get(name, name) + dot + suffix
+        if new_key in out:
+            raise UserError(f"renaming LoRA keys maps two layers to {new_key}")
+        out[new_key] = tensor
+    return out

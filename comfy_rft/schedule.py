@@ -68,3 +68,21 @@ class DDIMSchedule:
         """Forward diffusion q(x_t | x0)."""
         a = self.alpha_bar(t)
         return a**0.5 * x0 + (1 - a) ** 0.5 * noise
+
+
+def schedule_from_alphas_cumprod(alphas_cumprod, prediction_type: str = "epsilon") -> DDIMSchedule:
+    """A `DDIMSchedule` for a model known only by its ᾱ_t table and prediction type.
+
+    For models loaded elsewhere (a ComfyUI MODEL's `model_sampling`, with ᾱ_t = 1 / (1 + σ_t²)): the
+    betas are recovered from ᾱ_t and given to diffusers as `trained_betas`, with SD's DDIM spacing
+    (leading, steps_offset 1, no final ᾱ = 1).
+    """
+    from diffusers import DDIMScheduler
+
+    alphas = torch.as_tensor(alphas_cumprod, dtype=torch.float64).flatten()
+    if alphas.numel() < 2 or not bool(((alphas > 0) & (alphas <= 1)).all()):
+        raise ValueError("alphas_cumprod must hold at least two values in (0, 1]")
+    betas = 1 - alphas / torch.cat([alphas.new_ones(1), alphas[:-1]])
+    scheduler = DDIMScheduler(num_train_timesteps=len(alphas), trained_betas=betas.tolist(), clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type)
+    return DDIMSchedule(scheduler.config)
