@@ -1,10 +1,12 @@
-"""Time and memory of one DRaFT optimiser step: the library's real step next to a bare hand loop.
+"""Time and memory of one DRaFT optimiser step: the library's real step next to a bare hand loop,
+and RSA-FT's step next to the DRaFT-K step it wraps.
 
 For K (steps with gradient) in {1, 2, all} x T (DDIM steps) x gradient checkpointing on/off, one run
 measures the step `comfy_rft.loop.train` takes (DraftMethod.loss -> backward -> clip -> AdamW) and the
 same step written by hand against diffusers/peft/torch. The two are measured back to back per config,
 so library time / hand time is the library's overhead and machine drift hits both alike. The printed
-markdown table is what bench/README.md shows; its columns are explained there.
+markdown table is what bench/README.md shows; its columns are explained there. A second table
+times RSA-FT (both perturbations) against its DRaFT-K base, interleaved the same way.
 
     python bench/step_cost.py [--device cpu|cuda] [--repeats N] [--steps 10,25,50]
                               [--model tiny-sd15|DIR] [--resolution PX] [--threads N] [--json OUT]
@@ -15,8 +17,8 @@ from __future__ import annotations
 import argparse
 import copy
 import ctypes
+import functools
 import json
-import os
 import statistics
 import sys
 import time
@@ -28,6 +30,7 @@ from comfy_rft import lora
 from comfy_rft.backend import DiffusersBackend
 from comfy_rft.rewards import load_reward
 from comfy_rft.trainers.draft import DraftConfig, DraftMethod
+from comfy_rft.trainers.rsaft import RsaftConfig, RsaftMethod
 
 PROMPTS = ["a photo of a cat", "a red circle"]  # batch 2
 GUIDANCE = 7.5
@@ -38,18 +41,22 @@ MiB = 2**20
 
 
 class LibraryStep:
-    """One optimiser step as `comfy_rft.loop.train` takes it (one micro-batch), through DraftMethod."""
+    """One optimiser step as `comfy_rft.loop.train` takes it (one micro-batch), through a method's loss."""
 
-    def __init__(self, backend, reward, params, optimizer, steps: int, k: int, ckpt: bool, size: int):
-        self.config = DraftConfig(sampling_steps=steps, k=k, grad_checkpointing=ckpt, batch_size=len(PROMPTS),
-                                  guidance=GUIDANCE, resolution=size, max_grad_norm=MAX_GRAD_NORM)
-        self.method = DraftMethod(self.config, backend, reward)
+    def __init__(self, backend, reward, params, optimizer, steps: int, k: int, ckpt: bool, size: int,
+                 method=(DraftConfig, DraftMethod)):
+        config_cls, method_cls = method
+        self.config = config_cls(sampling_steps=steps, k=k, grad_checkpointing=ckpt, batch_size=len(PROMPTS),
+                                 guidance=GUIDANCE, resolution=size, max_grad_norm=MAX_GRAD_NORM)
+        self.method = method_cls(self.config, backend, reward)
         self.method.check()
-        self.params, self.optimizer = params, optimizer
+        self.method.params = self.params = params  # as the loop hands the method its adapter
+        self.optimizer = optimizer
 
     def __call__(self, seed: int) -> None:
         self.optimizer.zero_grad(set_to_none=True)
         self.method.loss(PROMPTS, seed).loss.backward()
+        self.method.after_backward()
         torch.nn.utils.clip_grad_norm_(self.params, MAX_GRAD_NORM)
         self.optimizer.step()
 
@@ -161,18 +168,51 @@ def memory(step, seed: int, device: torch.device, weights: set[int]) -> tuple[in
 
 
 def weight_storages(*modules) -> set[int]:
+    """The storages of the models' weights, which stay resident anyway and so are not step memory."""
     return {t.untyped_storage().data_ptr() for m in modules for t in [*m.parameters(), *m.buffers()]}
 
 
-def run(args) -> list[dict]:
-    device = torch.device(args.device)
+def setup(args):
     backend = DiffusersBackend.load(args.model, device=args.device)
     if backend.is_sdxl:
         sys.exit("the hand loop is SD1.x/SD2 only: pass an SD1.x/SD2 model")
-    hand = HandLoop(copy.deepcopy(backend.pipe), args.resolution)  # same weights, separate modules
-    reward = load_reward("brightness").to(device)
+    reward = load_reward("brightness").to(torch.device(args.device))
     params = lora.inject_lora(backend.denoiser, RANK, ALPHA)
-    optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=WEIGHT_DECAY)
+    return backend, reward, params, torch.optim.AdamW(params, lr=LR, weight_decay=WEIGHT_DECAY)
+
+
+def run_rsaft(args, backend, reward, params, optimizer) -> list[dict]:
+    """RSA-FT (image and parameter perturbations, δ at θ) against DRaFT-K, checkpointing on, interleaved."""
+    device = torch.device(args.device)
+    rows = []
+    for k in (1, 2):
+        for steps in args.steps:
+            impls = {name: LibraryStep(backend, reward, params, optimizer, steps, k, True, args.resolution, method)
+                     for name, method in (("base", (DraftConfig, DraftMethod)), ("rsaft", (RsaftConfig, RsaftMethod)))}
+            for step in impls.values():
+                step(0)
+            times = {name: [] for name in impls}
+            for seed in range(1, args.repeats + 1):
+                for name, step in impls.items():
+                    times[name].append(seconds(step, seed, device))
+            row = {"T": steps, "K": k, **{f"{n}_s": statistics.median(t) for n, t in times.items()}}
+            row["ratio"] = row["rsaft_s"] / row["base_s"]
+            rows.append(row)
+            print(f"  done RSA-FT T={steps} K={k}", file=sys.stderr, flush=True)
+    return rows
+
+
+def rsaft_table(rows: list[dict], limit: float = 2.2) -> str:
+    lines = ["| base | T | DRaFT-K s | RSA-FT s | RSA-FT / base |", "|---|---|---|---|---|"]
+    lines += [f"| DRaFT-{r['K']} | {r['T']} | {r['base_s']:.3f} | {r['rsaft_s']:.3f} | {r['ratio']:.2f} |" for r in rows]
+    worst = max(r["ratio"] for r in rows)
+    lines.append(f"\nRSA-FT step at most {limit}x its base: {'yes' if worst <= limit else 'no'} (worst {worst:.2f}x)")
+    return "\n".join(lines)
+
+
+def run(args, backend, reward, params, optimizer) -> list[dict]:
+    device = torch.device(args.device)
+    hand = HandLoop(copy.deepcopy(backend.pipe), args.resolution)  # same weights, separate modules
     weights = weight_storages(backend.denoiser, backend.vae, hand.unet, hand.vae, reward)
 
     rows = []
@@ -183,7 +223,7 @@ def run(args) -> list[dict]:
                 if k > steps:
                     continue
                 lib = LibraryStep(backend, reward, params, optimizer, steps, k, ckpt, args.resolution)
-                impls = {"lib": lib, "hand": lambda seed: hand.step(steps, k, ckpt, seed)}
+                impls = {"lib": lib, "hand": functools.partial(hand.step, steps, k, ckpt)}
                 row = {"T": steps, "K": k_name, "ckpt": ckpt}
                 for name, step in impls.items():
                     step(0)  # warm-up
@@ -212,9 +252,10 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def flatness(rows: list[dict], limit: float = 1.2) -> str:
+def flatness(rows: list[dict], limit: float = 1.5) -> str:
     """The README's claim: with checkpointing, for fixed K the step's peak memory does not grow with T.
-    Memory proportional to T would make largest/smallest T_max/T_min (5 for T=10..50); flat is <= `limit`."""
+    Memory kept per step would scale the peak with T (up to 5x from T=10 to 50); `limit` leaves room for
+    the run-to-run jitter (about 2 MiB) of a small CPU RSS peak."""
     verdicts, details = [], []
     for k_name in ("1", "2"):
         peaks = {r["T"]: r["lib_peak_mib"] for r in rows if r["ckpt"] and r["K"] == k_name}
@@ -224,8 +265,11 @@ def flatness(rows: list[dict], limit: float = 1.2) -> str:
         verdicts.append(spread <= limit)
         details.append(f"K={k_name}: " + ", ".join(f"{p:.1f}" for p in peaks.values())
                        + f" MiB at T={'/'.join(map(str, peaks))}, max/min {spread:.2f}")
-    answer = "yes" if verdicts and all(verdicts) else "no"
-    return f"memory flat in T for fixed K (library peak, checkpointing on, max/min <= {limit}): {answer} ({'; '.join(details)})"
+    if not verdicts:
+        return "memory flat in T for fixed K: not checked (needs checkpointing rows at two or more T)"
+    answer = "yes" if all(verdicts) else "no"
+    return (f"memory flat in T for fixed K (library peak, checkpointing on, max/min <= {limit}): {answer} "
+            f"({'; '.join(details)})")
 
 
 def main() -> None:
@@ -237,22 +281,30 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=64, help="image size in pixels")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default: 1)")
     parser.add_argument("--json", help="also write the rows and the run's settings to this JSON file")
+    parser.add_argument("--only", choices=("draft", "rsaft"), help="run one of the two tables")
     args = parser.parse_args()
     args.steps = [int(s) for s in args.steps.split(",")]
     torch.set_num_threads(args.threads)
 
     start = time.perf_counter()
-    rows = run(args)
+    setup_ = setup(args)
+    rows = run(args, *setup_) if args.only != "rsaft" else []
+    rsaft_rows = run_rsaft(args, *setup_) if args.only != "draft" else []
     wall = time.perf_counter() - start
-    print(table(rows))
-    print()
-    print(flatness(rows))
+    if rows:
+        print(table(rows))
+        print()
+        print(flatness(rows))
+    if rsaft_rows:
+        print()
+        print(rsaft_table(rsaft_rows))
     print(f"wall time {wall:.0f} s; device {args.device}, torch {torch.__version__}, {args.threads} thread(s), "
           f"model {args.model}, {args.resolution} px, batch {len(PROMPTS)}, CFG {GUIDANCE}, "
           f"median of {args.repeats} after 1 warm-up")
     if args.json:
+        settings = {**vars(args), "torch": torch.__version__, "wall_s": wall}
         with open(args.json, "w") as f:
-            json.dump({"settings": {**vars(args), "torch": torch.__version__, "wall_s": wall}, "rows": rows}, f, indent=2)
+            json.dump({"settings": settings, "rows": rows, "rsaft_rows": rsaft_rows}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -205,3 +205,14 @@ def test_metrics_hold_evaluation_rows_with_held_out_rewards_and_diversity(tmp_pa
         assert isinstance(r["eval_jpeg"], float) and isinstance(r["eval_brightness(target=0.9)"], float)
         assert r["diversity"] > 0
     assert (tmp_path / "eval" / "step-0000001.png").exists()
+
+
+def test_bf16_autocast_trains_with_fp32_lora_weights(tmp_path):
+    _, method_cls = METHODS["draft"]
+    result = train(method_cls, _config("draft", tmp_path, steps=2, mixed_precision="bf16"), progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all(0 < r["grad_norm"] < float("inf") for r in rows if r["kind"] == "train")
+    assert all(t.dtype == torch.float32 for t in _lora(result).values())
+    with pytest.raises(UserError, match="fp16 needs a CUDA device"):
+        train(method_cls, _config("draft", tmp_path / "fp16", steps=1, mixed_precision="fp16", device="cpu"),
+              progress=False)
