@@ -35,9 +35,11 @@ class GradPolicy:
     def validate(self, num_steps: int) -> None:
         if self.mode not in POLICY_MODES:
             raise UserError(f"unknown gradient policy {self.mode!r}; choose one of {', '.join(POLICY_MODES)}")
-        if self.mode == "last_k" and not 1 <= self.k <= num_steps:
-            raise UserError(f"K={self.k} must be between 1 and the number of sampling steps ({num_steps}): "
-                            f"lower K or raise the sampling steps")
+        if self.mode == "last_k" and self.k > num_steps:
+            raise UserError(f"K={self.k} is larger than the number of sampling steps ({num_steps}): lower --k or "
+                            f"raise --sampling-steps (K equal to the steps is full DRaFT)")
+        if self.mode == "last_k" and self.k < 1:
+            raise UserError(f"K={self.k} must be at least 1 (the last K sampling steps carry gradient)")
         if self.mode == "random_k":
             a, b = self.k_range
             if not 1 <= a <= b <= num_steps:

@@ -36,9 +36,8 @@ class Truncation:
     def validate(self, num_steps: int) -> None:
         if self.base not in BASES:
             raise UserError(f"unknown base method {self.base!r}; choose one of {', '.join(BASES)}")
-        if self.base == "draft-k" and not 1 <= self.k <= num_steps:
-            raise UserError(f"K={self.k} is larger than the number of sampling steps ({num_steps}): lower --k or "
-                            f"raise --sampling-steps (K equal to the steps is full DRaFT)")
+        if self.base == "draft-k":
+            GradPolicy("last_k", k=self.k).validate(num_steps)
         if self.base == "draft-lv" and self.lv_samples < 1:
             raise UserError("DRaFT-LV needs --lv-samples >= 1 (the paper uses 2)")
         if self.base == "refl" and not 1 <= self.refl_window <= num_steps:
