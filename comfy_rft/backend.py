@@ -18,6 +18,17 @@ from .errors import UserError
 from .quiet import quiet_libraries
 from .schedule import DDIMSchedule
 from .tiny import TINY_MODELS, tiny_model_dir
+from .toyworld import TOY_MODEL
+from .toyworld import model_dir as toy_model_dir
+
+EMBEDDED_MODELS = (TOY_MODEL, *TINY_MODELS)
+
+
+def embedded_model_path(spec: str) -> Path | None:
+    """The folder of an embedded model named by `spec` (built on first use for the tiny ones), else None."""
+    if spec == TOY_MODEL:
+        return toy_model_dir()
+    return tiny_model_dir(spec) if spec in TINY_MODELS else None
 
 
 @dataclass
@@ -63,11 +74,11 @@ class DiffusersBackend:
     def load(cls, spec: str, device: str | None = None, dtype: torch.dtype = torch.float32,
              model_config: str | None = None) -> "DiffusersBackend":
         """Load from a tiny model name, a local diffusers folder or a single-file checkpoint. Never downloads."""
-        path = tiny_model_dir(spec) if spec in TINY_MODELS else Path(spec).expanduser()
+        path = embedded_model_path(spec) or Path(spec).expanduser()
         if not path.exists():
             raise UserError(
                 f"model {spec!r} not found. Pass a local diffusers folder (with model_index.json), a single-file "
-                f"checkpoint (.safetensors/.ckpt), or one of the embedded models: {', '.join(TINY_MODELS)}."
+                f"checkpoint (.safetensors/.ckpt), or one of the embedded models: {', '.join(EMBEDDED_MODELS)}."
             )
         with quiet_libraries():
             pipe = _load_folder(path, dtype) if path.is_dir() else _load_single_file(path, dtype, model_config)

@@ -39,7 +39,7 @@ class TrainConfig:
     """Options every method shares: the model, the reward, the prompts, the LoRA, the optimiser, the sampler."""
 
     model: str = option("tiny-sd15", "A local diffusers folder, a single-file checkpoint, or an embedded "
-                        "model: tiny-sd15, tiny-sdxl.")
+                        "model: toy-shapes (the toy world's shapes model), tiny-sd15, tiny-sdxl (test-sized SD shapes).")
     model_config: str = option("", "For a single-file checkpoint: a local diffusers folder of the same "
                                "architecture whose configs diffusers should use (it cannot fetch them offline).")
     reward: str = option("brightness", "The reward to maximise (see `comfy-rft rewards`).")

@@ -18,6 +18,11 @@ def test_wheel_installs_trainers_under_comfy_rft_and_no_top_level_nodes(tmp_path
     assert tops == {"comfy_rft"}, tops
     assert "comfy_rft/trainers/draft.py" in names
     assert "comfy_rft/nodes/__init__.py" in names
+    # the toy world ships whole: `comfy-rft demo` after a plain `pip install .` trains on it
+    for part in ("model/model_index.json", "model/unet/diffusion_pytorch_model.safetensors",
+                 "model/vae/config.json", "model/text_encoder/model.safetensors", "model/tokenizer/tokenizer.json",
+                 "model/scheduler/scheduler_config.json", "proxy.safetensors", "gold.safetensors"):
+        assert f"comfy_rft/toyworld/{part}" in names, part
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     assert "comfy-rft = comfy_rft.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
 
