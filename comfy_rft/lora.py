@@ -9,6 +9,7 @@ encoders use `lora_te[12]_text_model_...` even where transformers 5 dropped the 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -487,6 +488,42 @@ def mix_loras(unet: nn.Module, loras, text_encoders: dict | None = None, adapter
                 for name, (_, weight) in zip(names, loras):
                     layer.set_scale(name, weight)
     return names
+
+
+@contextlib.contextmanager
+def only_adapters(module: nn.Module, names=()):
+    """Run `module` with only the adapters `names` switched on; `()` switches every adapter off (the base model).
+
+    The same module serves the policy (the run's LoRA on), the reference (all off, no second copy of the
+    weights) and an extra frozen adapter such as an LCM-LoRA (only it on). On exit every adapter layer gets
+    back its active adapters, its on/off state and each adapter weight its `requires_grad` (peft's switches
+    change them); layers created inside the block are left with no adapter on. Inside `torch.utils.checkpoint`,
+    enter it in the checkpointed function, so the recomputation in backward sees the same adapters.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    def switch(layer, active, disabled=False):
+        if layer.disable_adapters != disabled:
+            layer.enable_adapters(not disabled)
+        layer.set_adapter(list(active), inference_mode=True)
+
+    layers = [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
+    saved = [(layer, list(layer.active_adapters), layer.disable_adapters) for layer in layers]
+    flags = [(p, p.requires_grad) for layer in layers for name in layer.adapter_layer_names
+             for p in getattr(layer, name).parameters()]
+    try:
+        for layer in layers:
+            switch(layer, names)
+        yield
+    finally:
+        known = {id(layer) for layer in layers}
+        for layer in module.modules():
+            if isinstance(layer, BaseTunerLayer) and id(layer) not in known:
+                switch(layer, ())
+        for layer, active, disabled in saved:
+            switch(layer, active, disabled)
+        for p, flag in flags:
+            p.requires_grad_(flag)
 
 
 # ---------------------------------------------------------------- LDM (ComfyUI) names -> diffusers names
