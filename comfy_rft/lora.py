@@ -223,12 +223,17 @@ def _key_table(unet: nn.Module, text_encoders: dict) -> dict[str, tuple[nn.Modul
     """kohya module name -> (model, layer path) for every layer a file may target.
 
     UNet layers answer to both their diffusers and their sgm name, so LDM-named SD1 files (trained in
-    ComfyUI) and diffusers-named SDXL files load too.
+    ComfyUI) and diffusers-named SDXL files load too; an LDM-named UNet (ComfyUI's, with `num_res_blocks`)
+    answers to its diffusers names as well, so diffusers-named files (e.g. the published LCM-LoRAs) load into it.
     """
     table = {}
     config = getattr(unet, "config", None)
+    blocks = getattr(unet, "num_res_blocks", None) if config is None else None
+    blocks = set(blocks) if isinstance(blocks, (list, tuple)) else {blocks}
+    per_block = blocks.pop() if len(blocks) == 1 else None
     for path in _adaptable_layers(unet):
-        names = {path, _sgm_path(path, config) if config is not None else None} - {None}
+        names = {path, _sgm_path(path, config) if config is not None else None,
+                 ldm_unet_path_to_diffusers(path, per_block) if per_block else None} - {None}
         for name in names:
             table["lora_unet_" + name.replace(".", "_")] = (unet, path)
     for prefix, te in text_encoders.items():
