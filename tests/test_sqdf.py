@@ -105,7 +105,7 @@ def test_gradient_flows_only_through_the_chosen_step():
     with gradient; the reference and Tweedie calls run with the adapter off; x̂0 -> x' -> LoRA carries it."""
     method = _method(grad_checkpointing=False, alpha=0.5)
     backend, denoiser = method.backend, method.backend.denoiser
-    method.before_step(PROMPTS, 7, Processes())  # the rollout epoch (no gradient) fills the buffer
+    method.before_step(PROMPTS, 3, Processes())  # the rollout epoch (no gradient); draws at k = 1 and 3 (last)
     calls, lora_calls = [], []
     probe = next(m for _, m in lora._lora_layers(denoiser, "default"))
     hooks = [denoiser.register_forward_pre_hook(lambda m, args: calls.append((int(args[1][0]), torch.is_grad_enabled()))),
@@ -123,13 +123,14 @@ def test_gradient_flows_only_through_the_chosen_step():
 
     method.soft_q_step = watched
     try:
-        output = method.loss(PROMPTS, 7)
+        output = method.loss(PROMPTS, 3)
         output.loss.backward()
     finally:
         for h in hooks:
             h.remove()
     timesteps = backend.schedule.timesteps(method.config.sampling_steps)
     chosen = sorted({timesteps[k] for _, k in method._plan})
+    assert len(chosen) == 2 and timesteps[-1] in chosen  # a Tweedie step and a last step
     assert sorted(t for t, _ in lora_calls) == chosen and all(grad for _, grad in lora_calls)
     assert len(calls) == 2 * len(chosen) + sum(t != timesteps[-1] for t in chosen)  # policy, reference, Tweedie
     assert all(p.grad is not None for p in method.params) and sum(p.grad.abs().sum() for p in method.params) > 0
@@ -377,8 +378,7 @@ def _lcm_unet_folder(path, **changes):
 def _lcm_x0(model_output, x, t, scheduler_config):
     """diffusers' LCMScheduler.step's `denoised`, as the reference for the consistency path."""
     scheduler = LCMScheduler.from_config(scheduler_config)
-    scheduler.set_timesteps(50)
-    scheduler._step_index = [int(s) for s in scheduler.timesteps].index(t)
+    scheduler.set_timesteps(50)  # its distillation grid, which holds t
     return scheduler.step(model_output, t, x, generator=torch.Generator().manual_seed(0)).denoised
 
 
@@ -410,6 +410,24 @@ def test_the_consistency_model_path_runs_and_equals_lcm(tmp_path, kind):
         assert not any(p.requires_grad for n, p in backend.denoiser.named_parameters() if "rft_consistency" in n)
         assert all(layer.active_adapters in (["default"], []) for _, layer in
                    lora._lora_layers(backend.denoiser, "rft_consistency"))
+
+
+@pytest.mark.parametrize("x0_from", ["tweedie", "lcm-lora"])
+def test_checkpointing_does_not_change_the_gradient(tmp_path, x0_from):
+    """The adapter switches sit inside the checkpointed calls: their recomputation in backward sees the same model."""
+    source = str(_lcm_lora_file(tmp_path / "lcm.safetensors")) if x0_from == "lcm-lora" else ""
+    method = _method(tmp_path, consistency_model=source, alpha=0.5)
+    method.before_step(PROMPTS, 3, Processes())
+    grads = []
+    for checkpointing in (True, False):
+        method.config.grad_checkpointing = checkpointing
+        for p in method.params:
+            p.grad = None
+        method.loss(PROMPTS, 3).loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in method.params]))
+    assert grads[0].abs().max() > 0
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-7, rtol=1e-5)
+    assert all(p.requires_grad for p in method.params)
 
 
 def test_a_training_run_with_a_consistency_lora(tmp_path):
