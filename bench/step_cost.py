@@ -1,15 +1,17 @@
 """Time and memory of one DRaFT optimiser step: the library's real step next to a bare hand loop,
-and RSA-FT's step next to the DRaFT-K step it wraps.
+RSA-FT's step next to the DRaFT-K step it wraps, and SQDF's rollout epoch and update.
 
 For K (steps with gradient) in {1, 2, all} x T (DDIM steps) x gradient checkpointing on/off, one run
 measures the step `comfy_rft.loop.train` takes (DraftMethod.loss -> backward -> clip -> AdamW) and the
 same step written by hand against diffusers/peft/torch. The two are measured back to back per config,
 so library time / hand time is the library's overhead and machine drift hits both alike. The printed
 markdown table is what bench/README.md shows; its columns are explained there. A second table
-times RSA-FT (both perturbations) against its DRaFT-K base, interleaved the same way.
+times RSA-FT (both perturbations) against its DRaFT-K base, interleaved the same way; a third times
+SQDF's rollout epoch and update per T, with their peak memory.
 
     python bench/step_cost.py [--device cpu|cuda] [--repeats N] [--steps 10,25,50]
                               [--model tiny-sd15|DIR] [--resolution PX] [--threads N] [--json OUT]
+                              [--only draft|rsaft|sqdf]
 """
 
 from __future__ import annotations
@@ -28,9 +30,12 @@ from torch.utils.checkpoint import checkpoint
 
 from comfy_rft import lora
 from comfy_rft.backend import DiffusersBackend
+from comfy_rft.distributed import Processes
+from comfy_rft.loop import step_gradients
 from comfy_rft.rewards import load_reward
 from comfy_rft.trainers.draft import DraftConfig, DraftMethod
 from comfy_rft.trainers.rsaft import RsaftConfig, RsaftMethod
+from comfy_rft.trainers.sqdf import SqdfConfig, SqdfMethod
 
 PROMPTS = ["a photo of a cat", "a red circle"]  # batch 2
 GUIDANCE = 7.5
@@ -202,6 +207,56 @@ def run_rsaft(args, backend, reward, params, optimizer) -> list[dict]:
     return rows
 
 
+class SqdfSteps:
+    """SQDF's two costs through the library's code, as `comfy_rft.loop.train` runs them: a rollout epoch (the
+    step's prompts sampled without gradient, DDIM η=1, scored and stored in the replay buffer) and an update
+    (`step_gradients`: buffer draws, one reparameterised step with the reference beside it, Tweedie's x̂0 from
+    the reference, decode, reward, backward; then clipping and AdamW)."""
+
+    def __init__(self, backend, reward, params, optimizer, steps: int, size: int):
+        # replay_ratio out of reach: after the first epoch every step only updates (its rollouts are timed apart)
+        config = SqdfConfig(sampling_steps=steps, batch_size=len(PROMPTS), guidance=GUIDANCE, resolution=size,
+                            max_grad_norm=MAX_GRAD_NORM, replay_ratio=10**9)
+        self.method = SqdfMethod(config, backend, reward)
+        self.method.check()
+        self.method.params = self.params = params
+        self.optimizer, self.procs = optimizer, Processes()
+        self.method.before_step(PROMPTS, 0, self.procs)  # the first epoch fills the buffer
+
+    def rollout(self, seed: int) -> None:
+        self.method.rollout(PROMPTS, seed, self.procs)
+
+    def update(self, seed: int) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        step_gradients(self.method, PROMPTS, seed, self.procs)
+        torch.nn.utils.clip_grad_norm_(self.params, MAX_GRAD_NORM)
+        self.optimizer.step()
+
+
+def run_sqdf(args, backend, reward, params, optimizer) -> list[dict]:
+    """SQDF's rollout epoch and update per T, checkpointing on (the default), Tweedie x̂0."""
+    device = torch.device(args.device)
+    weights = weight_storages(backend.denoiser, backend.vae, reward)
+    rows = []
+    for steps in args.steps:
+        sqdf = SqdfSteps(backend, reward, params, optimizer, steps, args.resolution)
+        row = {"T": steps}
+        for name, step in (("rollout", sqdf.rollout), ("update", sqdf.update)):
+            step(0)  # warm-up
+            row[f"{name}_peak_mib"] = memory(step, 0, device, weights)[1] / MiB
+            row[f"{name}_s"] = statistics.median(seconds(step, seed, device) for seed in range(1, args.repeats + 1))
+        rows.append(row)
+        print(f"  done SQDF T={steps}", file=sys.stderr, flush=True)
+    return rows
+
+
+def sqdf_table(rows: list[dict]) -> str:
+    lines = ["| T | rollout epoch s | update s | rollout epoch peak MiB | update peak MiB |", "|---|---|---|---|---|"]
+    lines += [f"| {r['T']} | {r['rollout_s']:.3f} | {r['update_s']:.3f} | {r['rollout_peak_mib']:.1f} "
+              f"| {r['update_peak_mib']:.1f} |" for r in rows]
+    return "\n".join(lines)
+
+
 def rsaft_table(rows: list[dict], limit: float = 2.2) -> str:
     lines = ["| base | T | DRaFT-K s | RSA-FT s | RSA-FT / base |", "|---|---|---|---|---|"]
     lines += [f"| DRaFT-{r['K']} | {r['T']} | {r['base_s']:.3f} | {r['rsaft_s']:.3f} | {r['ratio']:.2f} |" for r in rows]
@@ -281,15 +336,16 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=64, help="image size in pixels")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default: 1)")
     parser.add_argument("--json", help="also write the rows and the run's settings to this JSON file")
-    parser.add_argument("--only", choices=("draft", "rsaft"), help="run one of the two tables")
+    parser.add_argument("--only", choices=("draft", "rsaft", "sqdf"), help="run one of the three tables")
     args = parser.parse_args()
     args.steps = [int(s) for s in args.steps.split(",")]
     torch.set_num_threads(args.threads)
 
     start = time.perf_counter()
     setup_ = setup(args)
-    rows = run(args, *setup_) if args.only != "rsaft" else []
-    rsaft_rows = run_rsaft(args, *setup_) if args.only != "draft" else []
+    rows = run(args, *setup_) if args.only in (None, "draft") else []
+    rsaft_rows = run_rsaft(args, *setup_) if args.only in (None, "rsaft") else []
+    sqdf_rows = run_sqdf(args, *setup_) if args.only in (None, "sqdf") else []
     wall = time.perf_counter() - start
     if rows:
         print(table(rows))
@@ -298,13 +354,17 @@ def main() -> None:
     if rsaft_rows:
         print()
         print(rsaft_table(rsaft_rows))
+    if sqdf_rows:
+        print()
+        print(sqdf_table(sqdf_rows))
     print(f"wall time {wall:.0f} s; device {args.device}, torch {torch.__version__}, {args.threads} thread(s), "
           f"model {args.model}, {args.resolution} px, batch {len(PROMPTS)}, CFG {GUIDANCE}, "
           f"median of {args.repeats} after 1 warm-up")
     if args.json:
         settings = {**vars(args), "torch": torch.__version__, "wall_s": wall}
         with open(args.json, "w") as f:
-            json.dump({"settings": settings, "rows": rows, "rsaft_rows": rsaft_rows}, f, indent=2)
+            json.dump({"settings": settings, "rows": rows, "rsaft_rows": rsaft_rows, "sqdf_rows": sqdf_rows}, f,
+                      indent=2)
 
 
 if __name__ == "__main__":

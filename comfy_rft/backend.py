@@ -121,22 +121,7 @@ class DiffusersBackend:
     # ---- model -------------------------------------------------------------------------------
     def predict(self, x: torch.Tensor, t: int, cond: Cond, guidance: float = 1.0) -> torch.Tensor:
         """The denoiser's output (ε or v) at x_t, with classifier-free guidance when guidance != 1."""
-        unet, dtype = self.denoiser, self.dtype
-        if guidance == 1.0:
-            inputs, embeds, pooled, time_ids = x, cond.embeds, cond.pooled, cond.time_ids
-        else:
-            inputs = torch.cat([x, x])
-            embeds = torch.cat([cond.uncond, cond.embeds])
-            pooled = None if cond.pooled is None else torch.cat([cond.uncond_pooled, cond.pooled])
-            time_ids = None if cond.time_ids is None else torch.cat([cond.time_ids, cond.time_ids])
-        added = None if pooled is None else {"text_embeds": pooled.to(dtype), "time_ids": time_ids.to(dtype)}
-        timestep = torch.full((inputs.shape[0],), t, device=x.device, dtype=torch.long)
-        out = unet(inputs.to(dtype), timestep, encoder_hidden_states=embeds.to(dtype), added_cond_kwargs=added).sample
-        out = out.to(x.dtype)
-        if guidance == 1.0:
-            return out
-        out_uncond, out_cond = out.chunk(2)
-        return out_uncond + guidance * (out_cond - out_uncond)
+        return unet_prediction(self.denoiser, self.dtype, x, t, cond, guidance)
 
     def decode(self, latents: torch.Tensor, use_checkpoint: bool = True) -> torch.Tensor:
         """Latents -> images [B,3,H,W] in [0,1], differentiable; recomputed in backward when checkpointed."""
@@ -157,6 +142,29 @@ class DiffusersBackend:
         if h % self.vae_scale_factor or w % self.vae_scale_factor:
             raise UserError(f"image size {h}x{w} must be a multiple of {self.vae_scale_factor} for this model")
         return (batch, self.denoiser.config.in_channels, h // self.vae_scale_factor, w // self.vae_scale_factor)
+
+
+def unet_prediction(unet, dtype: torch.dtype, x: torch.Tensor, t: int, cond: Cond, guidance: float = 1.0,
+                    **unet_kwargs) -> torch.Tensor:
+    """A diffusers UNet's output at x_t (CFG when guidance != 1); `unet_kwargs` go to the UNet (e.g. an LCM
+    UNet's `timestep_cond`, per sample, repeated for the CFG batch)."""
+    if guidance == 1.0:
+        inputs, embeds, pooled, time_ids = x, cond.embeds, cond.pooled, cond.time_ids
+    else:
+        inputs = torch.cat([x, x])
+        embeds = torch.cat([cond.uncond, cond.embeds])
+        pooled = None if cond.pooled is None else torch.cat([cond.uncond_pooled, cond.pooled])
+        time_ids = None if cond.time_ids is None else torch.cat([cond.time_ids, cond.time_ids])
+        unet_kwargs = {k: torch.cat([v, v]) for k, v in unet_kwargs.items()}
+    added = None if pooled is None else {"text_embeds": pooled.to(dtype), "time_ids": time_ids.to(dtype)}
+    timestep = torch.full((inputs.shape[0],), t, device=x.device, dtype=torch.long)
+    out = unet(inputs.to(dtype), timestep, encoder_hidden_states=embeds.to(dtype), added_cond_kwargs=added,
+               **{k: v.to(dtype) for k, v in unet_kwargs.items()}).sample
+    out = out.to(x.dtype)
+    if guidance == 1.0:
+        return out
+    out_uncond, out_cond = out.chunk(2)
+    return out_uncond + guidance * (out_cond - out_uncond)
 
 
 _SUPPORTED = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")

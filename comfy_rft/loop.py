@@ -77,6 +77,11 @@ class Method:
                             f"its gradient; use a differentiable reward, or the lasro method, which learns a "
                             f"differentiable surrogate of any reward")
 
+    def before_step(self, global_batch: list[str], seed: int, procs: Processes) -> None:
+        """Called once per optimiser step, before its micro-batches, with the step's whole global batch (the
+        same list and seed on every process): work that is not per micro-batch, such as SQDF's rollout epoch
+        into its replay buffer. Nothing by default."""
+
     def loss(self, prompts: list[str], seed: int) -> StepOutput:
         raise NotImplementedError
 
@@ -182,6 +187,8 @@ def _split_specs(text: str) -> list[str]:
 def step_gradients(method: Method, global_batch: list[str], step_seed: int, procs: Processes):
     """Accumulate into `.grad` the gradient of one optimiser step over the step's global batch.
 
+    `method.before_step` sees the whole global batch first; then each micro-batch's `method.loss`.
+
     The global batch (micro-batches x processes x batch size) is cut by sample index: micro-batch m
     of process r renders samples (m*world + r)*b ... +b, each with the noise of its own index. So
     batch 2b, batch b x 2 accumulation and 2 processes x batch b give the same gradient.
@@ -189,6 +196,8 @@ def step_gradients(method: Method, global_batch: list[str], step_seed: int, proc
     """
     config = method.config
     b, accum = config.batch_size, config.grad_accum
+    with _autocast(config, method.backend.device):
+        method.before_step(global_batch, step_seed, procs)
     rewards, metrics = [], {}
     for micro in range(accum):
         method.sample_offset = (micro * procs.world + procs.rank) * b

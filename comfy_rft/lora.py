@@ -9,6 +9,7 @@ encoders use `lora_te[12]_text_model_...` even where transformers 5 dropped the 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -222,12 +223,17 @@ def _key_table(unet: nn.Module, text_encoders: dict) -> dict[str, tuple[nn.Modul
     """kohya module name -> (model, layer path) for every layer a file may target.
 
     UNet layers answer to both their diffusers and their sgm name, so LDM-named SD1 files (trained in
-    ComfyUI) and diffusers-named SDXL files load too.
+    ComfyUI) and diffusers-named SDXL files load too; an LDM-named UNet (ComfyUI's, with `num_res_blocks`)
+    answers to its diffusers names as well, so diffusers-named files (e.g. the published LCM-LoRAs) load into it.
     """
     table = {}
     config = getattr(unet, "config", None)
+    blocks = getattr(unet, "num_res_blocks", None) if config is None else None
+    blocks = set(blocks) if isinstance(blocks, (list, tuple)) else {blocks}
+    per_block = blocks.pop() if len(blocks) == 1 else None
     for path in _adaptable_layers(unet):
-        names = {path, _sgm_path(path, config) if config is not None else None} - {None}
+        names = {path, _sgm_path(path, config) if config is not None else None,
+                 ldm_unet_path_to_diffusers(path, per_block) if per_block else None} - {None}
         for name in names:
             table["lora_unet_" + name.replace(".", "_")] = (unet, path)
     for prefix, te in text_encoders.items():
@@ -487,6 +493,42 @@ def mix_loras(unet: nn.Module, loras, text_encoders: dict | None = None, adapter
                 for name, (_, weight) in zip(names, loras):
                     layer.set_scale(name, weight)
     return names
+
+
+@contextlib.contextmanager
+def only_adapters(module: nn.Module, names=()):
+    """Run `module` with only the adapters `names` switched on; `()` switches every adapter off (the base model).
+
+    The same module serves the policy (the run's LoRA on), the reference (all off, no second copy of the
+    weights) and an extra frozen adapter such as an LCM-LoRA (only it on). On exit every adapter layer gets
+    back its active adapters, its on/off state and each adapter weight its `requires_grad` (peft's switches
+    change them); layers created inside the block are left with no adapter on. Inside `torch.utils.checkpoint`,
+    enter it in the checkpointed function, so the recomputation in backward sees the same adapters.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    def switch(layer, active, disabled=False):
+        if layer.disable_adapters != disabled:
+            layer.enable_adapters(not disabled)
+        layer.set_adapter(list(active), inference_mode=True)
+
+    layers = [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
+    saved = [(layer, list(layer.active_adapters), layer.disable_adapters) for layer in layers]
+    flags = [(p, p.requires_grad) for layer in layers for name in layer.adapter_layer_names
+             for p in getattr(layer, name).parameters()]
+    try:
+        for layer in layers:
+            switch(layer, names)
+        yield
+    finally:
+        known = {id(layer) for layer in layers}
+        for layer in module.modules():
+            if isinstance(layer, BaseTunerLayer) and id(layer) not in known:
+                switch(layer, ())
+        for layer, active, disabled in saved:
+            switch(layer, active, disabled)
+        for p, flag in flags:
+            p.requires_grad_(flag)
 
 
 # ---------------------------------------------------------------- LDM (ComfyUI) names -> diffusers names

@@ -18,6 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .backend import Cond
 from .errors import UserError
+from .lora import only_adapters
 from .seeding import derive_seed
 
 POLICY_MODES = ("none", "all", "last_k", "random_k", "step")
@@ -101,6 +102,28 @@ class SampleResult:
     trajectory: Trajectory | None = None
 
 
+def predict(backend, x: torch.Tensor, t: int, cond: Cond, guidance: float, use_checkpoint: bool = True,
+            adapters: tuple[str, ...] | None = None) -> torch.Tensor:
+    """The denoiser's output at x_t, recomputed in backward when checkpointed (and gradient is on).
+
+    `adapters` runs it with only those LoRA adapters on (`()`: the base model, e.g. a reference or
+    Tweedie prediction that carries gradient to x but not to the LoRA); None leaves them as they are.
+    The switch happens inside the checkpointed function, so the recomputation sees the same model.
+    """
+    def model_output(x_in):
+        if adapters is None:
+            return backend.predict(x_in, t, cond, guidance)
+        with only_adapters(backend.denoiser, adapters):
+            return backend.predict(x_in, t, cond, guidance)
+
+    return checkpointed(model_output, x, use_checkpoint)
+
+
+def checkpointed(fn, x: torch.Tensor, use_checkpoint: bool = True) -> torch.Tensor:
+    """fn(x), recomputed in backward instead of kept when `use_checkpoint` (and gradient is on)."""
+    return checkpoint(fn, x, use_reentrant=False) if use_checkpoint and torch.is_grad_enabled() else fn(x)
+
+
 def sample(backend, cond: Cond, noise: SamplerNoise, *, num_steps: int, eta: float = 0.0, guidance: float = 7.5,
            policy: GradPolicy = GradPolicy("none"), rng: random.Random | None = None,
            use_checkpoint: bool = True, record: bool = False, stop_before: int | None = None) -> SampleResult:
@@ -117,16 +140,13 @@ def sample(backend, cond: Cond, noise: SamplerNoise, *, num_steps: int, eta: flo
     if record:
         trajectory.latents.append(x.detach())
 
-    def model_output(x_in, t):
-        return backend.predict(x_in, t, cond, guidance)
-
     for i, t in enumerate(timesteps):
         with torch.set_grad_enabled(torch.is_grad_enabled() and i >= first_grad):
             if i in grad_steps and torch.is_grad_enabled():
-                out = checkpoint(model_output, x, t, use_reentrant=False) if use_checkpoint else model_output(x, t)
+                out = predict(backend, x, t, cond, guidance, use_checkpoint)
             else:
                 with torch.no_grad():
-                    out = model_output(x, t)
+                    out = backend.predict(x, t, cond, guidance)
             step = schedule.step_distribution(out, x, t, schedule.previous(t, num_steps), eta)
             x = step.mean + step.std * noise.steps[i]
         if record:

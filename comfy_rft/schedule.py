@@ -35,6 +35,7 @@ class DDIMSchedule:
         self.num_train_timesteps = self._scheduler.config.num_train_timesteps
         self.alphas_cumprod = self._scheduler.alphas_cumprod.double()
         self.final_alpha_cumprod = float(self._scheduler.final_alpha_cumprod)
+        self._lcm = None  # LCM's scheduler (consistency models), built when first needed
 
     def timesteps(self, num_steps: int) -> list[int]:
         """The scheduler's own timesteps (spacing and offset as configured), noisiest first."""
@@ -63,6 +64,26 @@ class DDIMSchedule:
         std = eta * variance**0.5
         mean = a_prev**0.5 * x0 + (1 - a_prev - std**2) ** 0.5 * eps
         return StepDistribution(mean=mean, std=torch.full((), std, dtype=x.dtype), x0=x0)
+
+    def _lcm_scheduler(self):
+        """diffusers' LCMScheduler on the same betas, its timesteps set to its distillation grid."""
+        if self._lcm is None:
+            from diffusers import LCMScheduler
+
+            self._lcm = LCMScheduler.from_config(self._scheduler.config)
+            self._lcm.set_timesteps(self._lcm.config.original_inference_steps)
+        return self._lcm
+
+    def consistency_timestep(self, t: int) -> int:
+        """The timestep of LCM's distillation grid (its `original_inference_steps`, 50 by default: 999, 979, ...,
+        19 for 1000 training steps) nearest to t: where an LCM is evaluated for a latent at t."""
+        return int(min(self._lcm_scheduler().timesteps, key=lambda s: abs(int(s) - t)))
+
+    def consistency_x0(self, model_output: torch.Tensor, x: torch.Tensor, t: int) -> torch.Tensor:
+        """An LCM's x̂0 at x_t: c_skip(t)·x_t + c_out(t)·x̂0(model output), its boundary-condition parametrisation
+        (the `denoised` of diffusers' `LCMScheduler.step`)."""
+        c_skip, c_out = self._lcm_scheduler().get_scalings_for_boundary_condition_discrete(t)
+        return c_out * self.x0_and_eps(model_output, x, t)[0] + c_skip * x
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: int) -> torch.Tensor:
         """Forward diffusion q(x_t | x0)."""

@@ -13,11 +13,10 @@ import random
 from dataclasses import dataclass
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 from .backend import Cond
 from .errors import UserError
-from .sampler import GradPolicy, SamplerNoise, sample
+from .sampler import GradPolicy, SamplerNoise, predict, sample
 from .seeding import derive_seed
 
 BASES = ("draft-k", "draft-lv", "refl", "alignprop")
@@ -61,18 +60,11 @@ def reward_latents(backend, cond: Cond, prompts: list[str], noise: SamplerNoise,
         stop = rng.randint(num_steps - truncation.refl_window, num_steps - 1)
         x = sample(backend, cond, noise, stop_before=stop, **common).latents
         t = backend.schedule.timesteps(num_steps)[stop]
-        out = _predict(backend, x, t, cond, guidance, use_checkpoint)
+        out = predict(backend, x, t, cond, guidance, use_checkpoint)
         return backend.schedule.x0_and_eps(out, x, t)[0], prompts
     x0 = sample(backend, cond, noise, **common).latents.detach()
     return _lv_last_step(backend, x0, cond, prompts, noise.sample_seeds, truncation.lv_samples, num_steps, eta,
                          guidance, use_checkpoint)
-
-
-def _predict(backend, x, t, cond, guidance, use_checkpoint):
-    def model_output(x_in):
-        return backend.predict(x_in, t, cond, guidance)
-
-    return checkpoint(model_output, x, use_reentrant=False) if use_checkpoint else model_output(x)
 
 
 def _lv_last_step(backend, x0, cond, prompts, sample_seeds, n, num_steps, eta, guidance, use_checkpoint):
@@ -88,6 +80,6 @@ def _lv_last_step(backend, x0, cond, prompts, sample_seeds, n, num_steps, eta, g
         for s in sample_seeds], dim=1).to(x0)
     x1 = schedule.add_noise(x0.repeat_interleave(n, 0), renoise, t1)
     cond_n = cond.repeat_interleave(n)
-    out = _predict(backend, x1, t1, cond_n, guidance, use_checkpoint)
+    out = predict(backend, x1, t1, cond_n, guidance, use_checkpoint)
     step = schedule.step_distribution(out, x1, t1, schedule.previous(t1, num_steps), eta)
     return step.mean + step.std * step_noise, [p for p in prompts for _ in range(n)]

@@ -79,6 +79,41 @@ def test_a_lora_trained_under_ldm_names_loads_in_diffusers_after_renaming(tmp_pa
     assert loaded == len(layer_paths)
 
 
+def _ldm_named(unet):
+    """A stand-in for ComfyUI's LDM-named UNet: copies of the diffusers UNet's LoRA-able layers at their LDM paths."""
+    import copy
+
+    root = torch.nn.Module()
+    root.num_res_blocks = [unet.config.layers_per_block] * len(unet.config.block_out_channels)
+    for path in lora._adaptable_layers(unet):
+        *parents, leaf = lora._sgm_path(path, unet.config).split(".")
+        node = root
+        for name in parents:
+            if not hasattr(node, name):
+                node.add_module(name, torch.nn.Module())
+            node = getattr(node, name)
+        node.add_module(leaf, copy.deepcopy(unet.get_submodule(path)))
+    return root
+
+
+def test_a_diffusers_named_lora_loads_into_an_ldm_named_unet(tmp_path):
+    """The published LCM-LoRAs carry diffusers names; ComfyUI's UNet has LDM names: they still match."""
+    from comfy_rft.backend import DiffusersBackend
+
+    unet = DiffusersBackend.load("tiny-sd15", device="cpu").denoiser
+    ldm = _ldm_named(unet)
+    lora.inject_lora(unet, 4, 4.0, ("to_q", "proj_in", "conv1", "time_emb_proj"), init=False)
+    state = lora.lora_state_dict(unet)
+    assert any(k.startswith("lora_unet_down_blocks_0_resnets_0_conv1.") for k in state)  # diffusers names
+    lora.load_lora(ldm, lora.save_lora(tmp_path / "lcm.safetensors", state, None))
+    layers = lora._lora_layers(ldm, "default")
+    assert len(layers) == len(lora._lora_layers(unet, "default"))
+    for path, layer in layers:
+        name = lora.kohya_module_name("lora_unet", lora.ldm_unet_path_to_diffusers(path, 2))
+        assert torch.equal(layer.lora_A["default"].weight, state[f"{name}.lora_down.weight"])
+        assert torch.equal(layer.lora_B["default"].weight, state[f"{name}.lora_up.weight"])
+
+
 def test_schedule_from_alphas_cumprod_matches_the_sd_scheduler():
     from comfy_rft.schedule import DDIMSchedule, schedule_from_alphas_cumprod
     from comfy_rft.tiny import _scheduler

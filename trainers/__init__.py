@@ -5,10 +5,12 @@
 
 from .draft import DraftConfig, DraftMethod
 from .rsaft import RsaftConfig, RsaftMethod
+from .sqdf import SqdfConfig, SqdfMethod
 
 METHODS = {
     "draft": (DraftConfig, DraftMethod),
     "rsaft": (RsaftConfig, RsaftMethod),
+    "sqdf": (SqdfConfig, SqdfMethod),
 }
 
-__all__ = ["METHODS", "DraftConfig", "DraftMethod", "RsaftConfig", "RsaftMethod"]
+__all__ = ["METHODS", "DraftConfig", "DraftMethod", "RsaftConfig", "RsaftMethod", "SqdfConfig", "SqdfMethod"]
