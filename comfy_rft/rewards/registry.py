@@ -59,6 +59,12 @@ BUILTINS: dict[str, Builtin] = {
     "ocr": Builtin("ocr:OcrTextMatch", "1 when the image shows the prompt's quoted text (or text=...), "
                    "less by edit distance", 'none: the OCR models ship in the optional extra, '
                    'pip install "comfy-rft[ocr]"', differentiable=False),
+    "toy-proxy": Builtin("toy:proxy", "toy world (32x32 shapes): caption match + big shapes, as one small "
+                         "classifier sees it, ~0-1 (a hackable proxy)", "none: ships with the package"),
+    "toy-gold": Builtin("toy:gold", "toy world: caption match + big shapes, as a 5-classifier augmented ensemble "
+                        "sees it, 0-1 (gold)", "none: ships with the package"),
+    "toy-check": Builtin("toy:ToyCheck", "toy world: caption match + big shapes, as a program reads the pixels, "
+                         "0-1 (gold)", "none", differentiable=False),
 }
 
 GENERIC_OPTIONS = ("target", "normalize", "rho", "robust", "samples")
