@@ -14,7 +14,8 @@ import sys
 from .config import add_config_arguments, build_config
 from .errors import UserError
 
-DEMO_PROMPTS = "a red circle\na blue square\na green triangle\na yellow star"
+DEMO_PROMPTS = ("a red circle on a blue background\na blue square on a yellow background\n"
+                "a green triangle on a red background\na yellow circle on a green background")
 
 
 def _methods():
@@ -63,8 +64,9 @@ def cmd_train(argv: list[str]) -> int:
 def cmd_demo(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="comfy-rft demo",
-        description="DRaFT-K on the embedded tiny model with the built-in brightness reward: writes the LoRA, "
-                    "a before/after grid and a reward curve. Needs no download and no GPU.")
+        description="DRaFT-K on the toy world's shapes model (toy-shapes) with its caption-matching proxy reward "
+                    "(toy-proxy), judged also by held-out measures (toy-gold, toy-check): writes the LoRA, a "
+                    "before/after grid and a reward curve. Needs no download and no GPU.")
     parser.add_argument("--out", default="comfy-rft-demo", help="Output folder.")
     parser.add_argument("--steps", type=int, default=60, help="Optimiser steps.")
     parser.add_argument("--seed", type=int, default=0)
@@ -77,8 +79,9 @@ def cmd_demo(argv: list[str]) -> int:
     # threads make steps stall for seconds.
     torch.set_num_threads(1)
     config = build_config(DraftConfig, overrides=dict(
-        model="tiny-sd15", reward="brightness", prompts=DEMO_PROMPTS, steps=args.steps, seed=args.seed,
-        out=args.out, k=2, sampling_steps=4, guidance=3.0, lr=1e-2, batch_size=2, eval_samples=8))
+        model="toy-shapes", reward="toy-proxy", eval_rewards="toy-gold,toy-check", prompts=DEMO_PROMPTS,
+        steps=args.steps, seed=args.seed, out=args.out, k=2, sampling_steps=10, guidance=3.0, lr=3e-3,
+        weight_decay=0.0, lora_rank=4, lora_alpha=4.0, batch_size=4, eval_samples=16, grad_checkpointing=False))
     return _run_training("draft", config)
 
 
