@@ -9,6 +9,7 @@ encoders use `lora_te[12]_text_model_...` even where transformers 5 dropped the 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -132,6 +133,46 @@ def inject_lora(
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), init_lora_weights=init)
     _add_adapter(module, config, adapter_name)
     return _adapter_params(module, adapter_name, trainable=True)
+
+
+def remove_adapters(module: nn.Module) -> int:
+    """Put every peft-wrapped layer of `module` back to its base layer and drop peft's bookkeeping.
+
+    Returns how many layers were unwrapped. The module is then the model it was before any injection.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    removed = 0
+    for name, layer in list(module.named_modules()):
+        if isinstance(layer, BaseTunerLayer) and name:
+            parent_name, _, child = name.rpartition(".")
+            parent = module.get_submodule(parent_name) if parent_name else module
+            setattr(parent, child, layer.get_base_layer())
+            removed += 1
+    for attr in ("peft_config", "_hf_peft_config_loaded"):
+        if attr in module.__dict__:
+            delattr(module, attr)
+    return removed
+
+
+@contextlib.contextmanager
+def adapters_disabled(module: nn.Module):
+    """The base model inside the block: every enabled peft adapter of `module` is switched off, then back on
+    (DESIGN.md §3: a reference prediction is the same module with the adapter disabled, not a second copy).
+    The adapters' requires_grad flags are restored too (peft's enable_adapters would make them trainable)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in module.modules() if isinstance(m, BaseTunerLayer) and not m.disable_adapters]
+    flags = [(p, p.requires_grad) for layer in layers for p in layer.parameters()]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
+        for p, flag in flags:
+            p.requires_grad_(flag)
 
 
 # ---------------------------------------------------------------- naming

@@ -277,19 +277,9 @@ class ComfyBackend:
 
     def remove_lora(self) -> int:
         """Put every peft-wrapped layer back to its base layer and drop peft's bookkeeping: the MODEL is as before."""
-        from peft.tuners.tuners_utils import BaseTunerLayer
+        from comfy_rft.lora import remove_adapters
 
-        removed = 0
-        for name, module in list(self.denoiser.named_modules()):
-            if isinstance(module, BaseTunerLayer) and name:
-                parent_name, _, child = name.rpartition(".")
-                parent = self.denoiser.get_submodule(parent_name) if parent_name else self.denoiser
-                setattr(parent, child, module.get_base_layer())
-                removed += 1
-        for attr in ("peft_config", "_hf_peft_config_loaded"):
-            if attr in self.denoiser.__dict__:
-                delattr(self.denoiser, attr)
-        return removed
+        return remove_adapters(self.denoiser)
 
     def layers_per_block(self) -> int:
         blocks = getattr(self.denoiser, "num_res_blocks", None)
