@@ -4,11 +4,13 @@
 """
 
 from .draft import DraftConfig, DraftMethod
+from .lasro import LasroConfig, LasroMethod
 from .rsaft import RsaftConfig, RsaftMethod
 
 METHODS = {
     "draft": (DraftConfig, DraftMethod),
     "rsaft": (RsaftConfig, RsaftMethod),
+    "lasro": (LasroConfig, LasroMethod),
 }
 
-__all__ = ["METHODS", "DraftConfig", "DraftMethod", "RsaftConfig", "RsaftMethod"]
+__all__ = ["METHODS", "DraftConfig", "DraftMethod", "LasroConfig", "LasroMethod", "RsaftConfig", "RsaftMethod"]
