@@ -68,7 +68,7 @@ def test_the_encoder_computes_what_the_unet_computes(model, request):
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     shallow = backend.unet_encoder(depth=1)
-    assert len(shallow.feature_channels) == 2 and shallow.mid_block is None and len(shallow.down_blocks) == 1
+    assert len(shallow.feature_channels) == 2 and len(shallow.levels) == 1  # only what is read is copied
     with pytest.raises(UserError, match="levels after conv_in"):
         backend.unet_encoder(depth=99)
 
@@ -93,8 +93,9 @@ def test_gradient_reaches_the_latents_and_only_the_trainable_parts_train(sd15):
     surrogate(x, PROMPTS).sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
     trainable = {n for n, p in surrogate.named_parameters() if p.requires_grad}
-    assert trainable and all(n.startswith(("head.", "encoder.mid_block.")) for n in trainable)
-    assert any(n.startswith("encoder.mid_block.") for n in trainable)
+    mid = f"encoder.levels.{len(surrogate.encoder.levels) - 1}."  # the mid block, the deepest level
+    assert trainable and all(n.startswith(("head.", mid)) for n in trainable)
+    assert any(n.startswith(mid) for n in trainable)
     assert not any(p.requires_grad for p in sd15.denoiser.parameters())
 
 

@@ -41,7 +41,7 @@ FORMAT_VERSION = "1"
 TUNE_CHOICES = ("head", "head+last", "all")
 
 
-def _frozen_copy(module: nn.Module) -> nn.Module:
+def frozen_copy(module: nn.Module) -> nn.Module:
     """A deep copy without any peft adapter (the run's LoRA must not leak into the copy), frozen, eval mode."""
     from ..lora import remove_adapters
 
@@ -50,16 +50,57 @@ def _frozen_copy(module: nn.Module) -> nn.Module:
     return clone.requires_grad_(False).eval()
 
 
-class DiffusersUNetEncoder(nn.Module):
-    """The encoder half of a diffusers `UNet2DConditionModel` (SD1.x/SD2/SDXL), copied: x_t, t, cond ->
-    [conv_in output, each down block's output, mid block output], as the UNet itself computes them.
+class UNetEncoder(nn.Module):
+    """A frozen copy of a UNet's encoder half: x_t, t, cond -> [conv_in output, then one feature map per level
+    read: each down level's output, then the mid block's], as the UNet itself computes them.
 
-    `depth` limits what is read (and copied): 0 = conv_in only, k = also the first k down blocks,
-    -1 = every down block and the mid block (the whole encoder).
+    `depth` limits what is read (and copied): 0 = conv_in only, k = also the first k down levels, -1 = every
+    level and the mid block (the whole encoder). Subclasses give the blocks, the time (and added) embedding
+    and how one level runs: `DiffusersUNetEncoder` here, the ComfyUI (LDM) twin in nodes/comfy_backend.py.
+    Both name the same levels, so a head trained on one reads the other's features.
     """
 
-    def __init__(self, unet: nn.Module, depth: int = -1):
+    def __init__(self, conv_in: nn.Module, levels: list[nn.Module], level_channels: list[int], depth: int):
         super().__init__()
+        if not -1 <= depth <= len(levels):
+            raise UserError(f"surrogate depth {depth}: this UNet's encoder has {len(levels)} levels after conv_in "
+                            f"({len(levels) - 1} down levels and the mid block); use 0..{len(levels)}, or -1 for all")
+        self.depth = len(levels) if depth == -1 else depth
+        self.depth_option = -1 if self.depth == len(levels) else depth  # as the user writes it, whatever the UNet
+        self.conv_in = frozen_copy(conv_in)
+        self.levels = nn.ModuleList(frozen_copy(level) for level in levels[:self.depth])
+        self.feature_channels = [self.conv_in.out_channels, *level_channels[:self.depth]]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.conv_in.parameters()).dtype
+
+    def tunable(self, tune: str) -> list[nn.Module]:
+        """The parts `tune` trains besides the head: none, the deepest level read, or the whole copy."""
+        last = self.levels[-1] if len(self.levels) else self.conv_in
+        return {"head": [], "head+last": [last], "all": [self]}[tune]
+
+    def embedding(self, x: torch.Tensor, t: int, cond) -> torch.Tensor:
+        raise NotImplementedError
+
+    def run_level(self, level: nn.Module, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, t: int, cond) -> list[torch.Tensor]:
+        h = self.conv_in(x.to(self.dtype))
+        features = [h]
+        if self.depth:
+            emb, context = self.embedding(x, t, cond), cond.embeds.to(self.dtype)
+            for level in self.levels:
+                h = self.run_level(level, h, emb, context)
+                features.append(h)
+        return features
+
+
+class DiffusersUNetEncoder(UNetEncoder):
+    """The encoder of a diffusers `UNet2DConditionModel` (SD1.x/SD2/SDXL): levels are its down blocks and mid block."""
+
+    def __init__(self, unet: nn.Module, depth: int = -1):
         config = unet.config
         unsupported = {k: getattr(config, k, None) for k in ("class_embed_type", "encoder_hid_dim_type")
                        if getattr(config, k, None) is not None}
@@ -69,62 +110,28 @@ class DiffusersUNetEncoder(nn.Module):
             unsupported["time_embed_act / mid_block"] = "custom"
         if unsupported:
             raise UserError(f"LaSRO's surrogate reads SD1.x/SD2/SDXL UNet encoders; this UNet has {unsupported}")
-        levels = len(unet.down_blocks) + 1
-        if not -1 <= depth <= levels:
-            raise UserError(f"surrogate depth {depth}: this UNet's encoder has {levels} levels after conv_in "
-                            f"({levels - 1} down blocks and the mid block); use 0..{levels}, or -1 for all")
-        self.depth = levels if depth == -1 else depth
-        self.depth_option = -1 if self.depth == levels else depth  # as the user writes it, whatever the UNet
+        levels = [*unet.down_blocks, unet.mid_block]
+        super().__init__(unet.conv_in, levels, [level.resnets[-1].out_channels for level in levels], depth)
         self.addition_embed_type = config.addition_embed_type
-        self.conv_in = _frozen_copy(unet.conv_in)
-        self.time_proj = _frozen_copy(unet.time_proj)
-        self.time_embedding = _frozen_copy(unet.time_embedding)
+        self.time_proj = frozen_copy(unet.time_proj)
+        self.time_embedding = frozen_copy(unet.time_embedding)
         if self.addition_embed_type == "text_time":
-            self.add_time_proj = _frozen_copy(unet.add_time_proj)
-            self.add_embedding = _frozen_copy(unet.add_embedding)
-        self.down_blocks = _frozen_copy(unet.down_blocks[:self.depth])
-        self.mid_block = _frozen_copy(unet.mid_block) if self.depth == levels else None
-        blocks = [*self.down_blocks, *([self.mid_block] if self.mid_block is not None else [])]
-        self.feature_channels = [self.conv_in.out_channels, *[_out_channels(b) for b in blocks]]
-        self.last_block = blocks[-1] if blocks else self.conv_in
+            self.add_time_proj = frozen_copy(unet.add_time_proj)
+            self.add_embedding = frozen_copy(unet.add_embedding)
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.conv_in.weight.dtype
-
-    def tunable(self, tune: str) -> list[nn.Module]:
-        """The parts `tune` trains besides the head: none, the deepest block read, or the whole copy."""
-        return {"head": [], "head+last": [self.last_block], "all": [self]}[tune]
-
-    def forward(self, x: torch.Tensor, t: int, cond) -> list[torch.Tensor]:
-        dtype = self.dtype
-        h = self.conv_in(x.to(dtype))
-        features = [h]
-        if not self.depth:
-            return features
+    def embedding(self, x, t, cond):
         timesteps = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-        emb = self.time_embedding(self.time_proj(timesteps).to(dtype))
+        emb = self.time_embedding(self.time_proj(timesteps).to(self.dtype))
         if self.addition_embed_type == "text_time":
             time_embeds = self.add_time_proj(cond.time_ids.flatten()).reshape(x.shape[0], -1)
-            emb = emb + self.add_embedding(torch.cat([cond.pooled, time_embeds], dim=-1).to(dtype))
-        context = cond.embeds.to(dtype)
-        for block in self.down_blocks:
-            if getattr(block, "has_cross_attention", False):
-                h, _ = block(hidden_states=h, temb=emb, encoder_hidden_states=context)
-            else:
-                h, _ = block(hidden_states=h, temb=emb)
-            features.append(h)
-        if self.mid_block is not None:
-            if getattr(self.mid_block, "has_cross_attention", False):
-                h = self.mid_block(h, emb, encoder_hidden_states=context)
-            else:
-                h = self.mid_block(h, emb)
-            features.append(h)
-        return features
+            emb = emb + self.add_embedding(torch.cat([cond.pooled, time_embeds], dim=-1).to(self.dtype))
+        return emb
 
-
-def _out_channels(block: nn.Module) -> int:
-    return block.resnets[-1].out_channels
+    def run_level(self, level, h, emb, context):
+        cross = {"encoder_hidden_states": context} if getattr(level, "has_cross_attention", False) else {}
+        if hasattr(level, "downsamplers"):  # a down block returns (h, skip connections)
+            return level(hidden_states=h, temb=emb, **cross)[0]
+        return level(h, emb, **cross)
 
 
 class PooledHead(nn.Module):
