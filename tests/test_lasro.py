@@ -101,12 +101,15 @@ def test_cli_raises_the_jpeg_reward_and_writes_the_surrogate(tmp_path, capsys):
 
 
 def test_the_surrogate_follows_the_reward_not_a_drift(tmp_path):
-    """JPEG incompressibility is the opposite of the reward above: only a surrogate that learned the ranking can
-    raise both (an untrained one lets the tiny model drift toward compressible images)."""
-    config = LasroConfig(**{**SMALL, "reward": "jpeg-incompressibility", "steps": 30, "surrogate_depth": 0,
-                            "eval_samples": 8, "out": str(tmp_path)})
-    result = train(LasroMethod, config, progress=False)
-    assert result.reward_after > result.reward_before + 0.02, result
+    """JPEG incompressibility is the opposite of the reward above. The tiny model drifts toward compressible
+    images under almost any update, so raising this one needs a surrogate that learned the ranking: trained, it
+    rose in 5 of 5 seeds (+0.05..+0.09 kB); left at its random init (the control), it moves at random."""
+    options = {**SMALL, "reward": "jpeg-incompressibility", "steps": 30, "surrogate_depth": 0, "eval_samples": 8}
+    learned = train(LasroMethod, LasroConfig(out=str(tmp_path / "learned"), **options), progress=False)
+    control = train(LasroMethod, LasroConfig(out=str(tmp_path / "control"), surrogate_steps=0, surrogate_warmup=0,
+                                             **options), progress=False)
+    gain, control_gain = (r.reward_after - r.reward_before for r in (learned, control))
+    assert gain > 0.02 and gain > control_gain + 0.02, (gain, control_gain)
 
 
 def test_frozen_surrogate_stops_learning_and_reports_its_gap(sd15):
