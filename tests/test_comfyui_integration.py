@@ -517,6 +517,17 @@ def test_cancel_stops_after_the_step_keeps_a_checkpoint_and_resume_continues(com
 
 # In ComfyUI's python: the adapter on a tiny SDXL-architecture MODEL (text_time `y` conditioning), with a
 # stand-in CLIP that returns what SDXL's does (cross-attention states and a 1280-d pooled output).
+# Shared by the scripts below that run in ComfyUI's python: a small VAE config and a deterministic, well-scaled init.
+TINY_PARTS = r"""
+VAE = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 32,
+       "ch_mult": [1, 2, 4, 4], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}
+gen = torch.Generator().manual_seed(0)
+def init_(module):
+    for name, p in module.named_parameters():
+        p.data = ((torch.ones(p.shape) if name.endswith("weight") else torch.zeros(p.shape)) if p.dim() == 1
+                  else torch.randn(p.shape, generator=gen) / math.sqrt(math.prod(p.shape[1:])))
+"""
+
 SDXL_ADAPTER = r"""
 import hashlib, json, logging, math, sys
 comfy_dir, pack, loras, output = sys.argv[1:5]
@@ -534,14 +545,7 @@ UNET = {"model_channels": 64, "use_linear_in_transformer": True, "transformer_de
         "transformer_depth_output": [0, 0, 1, 1], "transformer_depth_middle": 1, "in_channels": 4, "out_channels": 4,
         "image_size": 32, "use_spatial_transformer": True, "legacy": False, "use_temporal_attention": False,
         "use_temporal_resblock": False, "use_checkpoint": False}
-VAE = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 32,
-       "ch_mult": [1, 2, 4, 4], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}
-gen = torch.Generator().manual_seed(0)
-def init_(module):
-    for name, p in module.named_parameters():
-        p.data = ((torch.ones(p.shape) if name.endswith("weight") else torch.zeros(p.shape)) if p.dim() == 1
-                  else torch.randn(p.shape, generator=gen) / math.sqrt(math.prod(p.shape[1:])))
-class Clip:  # SDXL's CLIP output, tiny: cross-attention states and a pooled vector
+""" + TINY_PARTS + r"""class Clip:  # SDXL's CLIP output, tiny: cross-attention states and a pooled vector
     def tokenize(self, text):
         return text
     def encode_from_tokens(self, tokens, return_pooled=False, return_dict=False):
@@ -686,14 +690,7 @@ MODELS = {
     "SDXL": dict(COMMON, adm_in_channels=2816, num_classes="sequential", model_channels=64, transformer_depth=[0, 1],
                  context_dim=64, use_linear_in_transformer=True, transformer_depth_output=[0, 0, 1, 1]),
 }
-VAE = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 32,
-       "ch_mult": [1, 2, 4, 4], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}
-gen = torch.Generator().manual_seed(0)
-def init_(module):
-    for name, p in module.named_parameters():
-        p.data = ((torch.ones(p.shape) if name.endswith("weight") else torch.zeros(p.shape)) if p.dim() == 1
-                  else torch.randn(p.shape, generator=gen) / math.sqrt(math.prod(p.shape[1:])))
-def clip_for(width, pooled):
+""" + TINY_PARTS + r"""def clip_for(width, pooled):
     class Clip:
         def tokenize(self, text):
             return text
