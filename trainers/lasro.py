@@ -48,6 +48,8 @@ class LasroConfig(TrainConfig):
     """LaSRO: a 1–2-step generator trained against any reward through a latent surrogate learned online."""
 
     batch_size: int = option(2, "Prompts per micro-batch of the generator step.", min=1)
+    lr: float = option(4e-4, "AdamW learning rate of the generator's LoRA. Unverified (the paper's is unknown): the "
+                       "library's SD-scale default; the embedded tiny model wants about 1e-2.", min=0.0)
     sampling_steps: int = option(2, "Generator steps: 1 (x̂0 of one denoiser call) or 2 (x̂0, re-noised to the "
                                  "second timestep, x̂0 again), the Turbo/LCM way (paper: 2-step models).", min=1, max=2)
     timesteps: str = option("", "The generator's timesteps, noisiest first, comma-separated, one per sampling step "
