@@ -7,15 +7,19 @@ follows the surrogate's gradient.
 
 The surrogate here:
 - **backbone**: a *copy* of the base model's UNet encoder (conv_in, time (+ SDXL added) embedding, down
-  blocks, mid block), text-conditioned through cross-attention on the prompt embeddings, evaluated at
-  a fixed small timestep t_s on √ᾱ_{t_s}·z (the noise-free mean of q(z_{t_s} | z): a reward must be
-  deterministic). It is a copy, made without the run's LoRA, so the generator's adapter never leaks
-  into the reward, and parts of it can be trained (`tune`) without touching the base model. It costs
-  the memory of the encoder half of the UNet once more (the paper's surrogate is a separate model too).
-- **head**: for each encoder feature map (conv_in, every down block's output, the mid block) a 3×3
+  blocks, mid block; `depth` levels of it), text-conditioned through cross-attention on the prompt
+  embeddings, evaluated at a fixed small timestep t_s on √ᾱ_{t_s}·z (the noise-free mean of
+  q(z_{t_s} | z): a reward must be deterministic). It is a copy, made without the run's LoRA, so the
+  generator's adapter never leaks into the reward, and parts of it can be trained (`tune`) without
+  touching the base model. It costs the memory of the encoder half of the UNet once more (the paper's
+  surrogate is a separate model too); sharing the UNet with its adapter switched off would save that,
+  but could train no encoder part and would need the switch inside every checkpointed call.
+- **head**: for each encoder feature map (conv_in, every down level's output, the mid block) a 3×3
   conv + SiLU, global average pooling, then an MLP to one scalar. No normalisation layer: a per-sample
-  norm would erase contrast, which rewards such as JPEG size depend on. Multi-scale pooling is our
-  choice; the paper's head ("a CNN head on the UNet encoder") is unverified (algorithms.md §10).
+  norm would erase contrast, which rewards such as JPEG size depend on. Global pooling makes it
+  translation-invariant (on the tiny model a 2×2 grid pooling learned JPEG incompressibility worse).
+  Multi-scale pooling is our choice; the paper's head ("a CNN head on the UNet encoder") is unverified
+  (algorithms.md §10).
 
 `bradley_terry_loss`, `pair_accuracy` and the safetensors file (`save` / `load_surrogate`) are here
 too; the online training schedule is the trainer's (trainers/lasro.py).
