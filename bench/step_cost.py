@@ -1,5 +1,6 @@
 """Time and memory of one DRaFT optimiser step: the library's real step next to a bare hand loop,
-RSA-FT's step next to the DRaFT-K step it wraps, and SQDF's rollout epoch and update.
+RSA-FT's step next to the DRaFT-K step it wraps, SQDF's rollout epoch and update, and LaSRO's
+generator step and surrogate round.
 
 For K (steps with gradient) in {1, 2, all} x T (DDIM steps) x gradient checkpointing on/off, one run
 measures the step `comfy_rft.loop.train` takes (DraftMethod.loss -> backward -> clip -> AdamW) and the
@@ -7,11 +8,13 @@ same step written by hand against diffusers/peft/torch. The two are measured bac
 so library time / hand time is the library's overhead and machine drift hits both alike. The printed
 markdown table is what bench/README.md shows; its columns are explained there. A second table
 times RSA-FT (both perturbations) against its DRaFT-K base, interleaved the same way; a third times
-SQDF's rollout epoch and update per T, with their peak memory.
+SQDF's rollout epoch and update per T, with their peak memory; a fourth times LaSRO's two parts
+separately: one generator step and one surrogate round (exploration, true-reward queries,
+Bradley-Terry steps).
 
     python bench/step_cost.py [--device cpu|cuda] [--repeats N] [--steps 10,25,50]
                               [--model tiny-sd15|DIR] [--resolution PX] [--threads N] [--json OUT]
-                              [--only draft|rsaft|sqdf]
+                              [--only draft|rsaft|sqdf|lasro]
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from comfy_rft.distributed import Processes
 from comfy_rft.loop import step_gradients
 from comfy_rft.rewards import load_reward
 from comfy_rft.trainers.draft import DraftConfig, DraftMethod
+from comfy_rft.trainers.lasro import LasroConfig, LasroMethod
 from comfy_rft.trainers.rsaft import RsaftConfig, RsaftMethod
 from comfy_rft.trainers.sqdf import SqdfConfig, SqdfMethod
 
@@ -265,6 +269,53 @@ def rsaft_table(rows: list[dict], limit: float = 2.2) -> str:
     return "\n".join(lines)
 
 
+def run_lasro(args, backend, reward, params, optimizer) -> list[dict]:
+    """LaSRO with its defaults (JPEG size, guidance 1, N_s 4, 4 Bradley-Terry steps of 32) for 1 and 2 generator
+    steps, the surrogate reading the whole UNet encoder or conv_in only: a generator step (rollout with gradient,
+    surrogate, true reward of the samples, backward, clip, AdamW) and a surrogate round, timed apart."""
+    device = torch.device(args.device)
+    jpeg = load_reward("jpeg").to(device)
+    rows = []
+    for steps in (1, 2):
+        for depth in (-1, 0):
+            config = LasroConfig(sampling_steps=steps, surrogate_depth=depth, batch_size=len(PROMPTS),
+                                 resolution=args.resolution, max_grad_norm=MAX_GRAD_NORM, surrogate_warmup=0,
+                                 generator_steps=10**9)  # rounds only when called below
+            method = LasroMethod(config, backend, jpeg)
+            method.check()
+            method.params = params
+            method.surrogate_round(PROMPTS, 0, train=True)  # a buffer and the normaliser, as after stage 1
+            method.steps_started = 1
+
+            def generator_step(seed: int) -> None:
+                optimizer.zero_grad(set_to_none=True)
+                method.loss(PROMPTS, seed).loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
+                optimizer.step()
+
+            def surrogate_round(seed: int) -> None:
+                method.surrogate_round(PROMPTS, seed, train=True)
+
+            weights = weight_storages(backend.denoiser, backend.vae, method.surrogate)
+            row = {"T": steps, "depth": "all" if depth == -1 else "conv_in", "queries": method.config.batch_size
+                   * config.samples_per_prompt * steps}
+            for name, step in (("gen", generator_step), ("round", surrogate_round)):
+                step(0)
+                row[f"{name}_peak_mib"] = memory(step, 0, device, weights)[1] / MiB
+                row[f"{name}_s"] = statistics.median(seconds(step, seed, device) for seed in range(1, args.repeats + 1))
+            rows.append(row)
+            print(f"  done LaSRO T={steps} depth={row['depth']}", file=sys.stderr, flush=True)
+    return rows
+
+
+def lasro_table(rows: list[dict]) -> str:
+    lines = ["| T | surrogate reads | generator step s | generator peak MiB | surrogate round s | round peak MiB "
+             "| true-reward queries per round |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['T']} | {r['depth']} | {r['gen_s']:.3f} | {r['gen_peak_mib']:.1f} | {r['round_s']:.3f} "
+              f"| {r['round_peak_mib']:.1f} | {r['queries']} |" for r in rows]
+    return "\n".join(lines)
+
+
 def run(args, backend, reward, params, optimizer) -> list[dict]:
     device = torch.device(args.device)
     hand = HandLoop(copy.deepcopy(backend.pipe), args.resolution)  # same weights, separate modules
@@ -336,7 +387,7 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=64, help="image size in pixels")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default: 1)")
     parser.add_argument("--json", help="also write the rows and the run's settings to this JSON file")
-    parser.add_argument("--only", choices=("draft", "rsaft", "sqdf"), help="run one of the three tables")
+    parser.add_argument("--only", choices=("draft", "rsaft", "sqdf", "lasro"), help="run one of the four tables")
     args = parser.parse_args()
     args.steps = [int(s) for s in args.steps.split(",")]
     torch.set_num_threads(args.threads)
@@ -346,6 +397,7 @@ def main() -> None:
     rows = run(args, *setup_) if args.only in (None, "draft") else []
     rsaft_rows = run_rsaft(args, *setup_) if args.only in (None, "rsaft") else []
     sqdf_rows = run_sqdf(args, *setup_) if args.only in (None, "sqdf") else []
+    lasro_rows = run_lasro(args, *setup_) if args.only in (None, "lasro") else []
     wall = time.perf_counter() - start
     if rows:
         print(table(rows))
@@ -357,13 +409,17 @@ def main() -> None:
     if sqdf_rows:
         print()
         print(sqdf_table(sqdf_rows))
+    if lasro_rows:
+        print()
+        print(lasro_table(lasro_rows))
     print(f"wall time {wall:.0f} s; device {args.device}, torch {torch.__version__}, {args.threads} thread(s), "
           f"model {args.model}, {args.resolution} px, batch {len(PROMPTS)}, CFG {GUIDANCE}, "
           f"median of {args.repeats} after 1 warm-up")
     if args.json:
         settings = {**vars(args), "torch": torch.__version__, "wall_s": wall}
         with open(args.json, "w") as f:
-            json.dump({"settings": settings, "rows": rows, "rsaft_rows": rsaft_rows, "sqdf_rows": sqdf_rows}, f,
+            json.dump({"settings": settings, "rows": rows, "rsaft_rows": rsaft_rows, "sqdf_rows": sqdf_rows,
+                       "lasro_rows": lasro_rows}, f,
                       indent=2)
 
 

@@ -123,6 +123,13 @@ class DiffusersBackend:
         """The denoiser's output (ε or v) at x_t, with classifier-free guidance when guidance != 1."""
         return unet_prediction(self.denoiser, self.dtype, x, t, cond, guidance)
 
+    def unet_encoder(self, depth: int = -1) -> torch.nn.Module:
+        """A frozen copy of the denoiser's encoder half (conv_in, down blocks, mid block; `depth` levels after
+        conv_in, -1 all), without any adapter: the backbone of LaSRO's surrogate reward."""
+        from .rewards.surrogate import DiffusersUNetEncoder
+
+        return DiffusersUNetEncoder(self.denoiser, depth)
+
     def decode(self, latents: torch.Tensor, use_checkpoint: bool = True) -> torch.Tensor:
         """Latents -> images [B,3,H,W] in [0,1], differentiable; recomputed in backward when checkpointed."""
         vae = self.vae

@@ -88,6 +88,11 @@ class Method:
     def after_backward(self) -> None:
         """Called after each micro-batch's backward, before clipping and the optimiser step (SAM restores θ here)."""
 
+    def save_artifacts(self, out: Path, stem: str) -> list[Path]:
+        """Write the method's own files next to the LoRA (`stem` is the LoRA file's) at the end of a run, e.g.
+        LaSRO's surrogate; returns their paths. None by default."""
+        return []
+
     def state_dict(self) -> dict:
         """The method's own state for checkpoints (replay buffers, surrogate models); none by default."""
         return {}
@@ -335,6 +340,7 @@ def train(method_cls: type[Method], config: TrainConfig, *, backend: DiffusersBa
         title=lora_path.stem,
     )
     lora.save_lora(lora_path, lora.lora_state_dict(backend.denoiser), metadata)
+    method.save_artifacts(out, lora_path.stem)
     image_grid([before.images, after.images], ["before", "after"], out / "before_after.png")
     steps_done = len(history)
     curves = {"training reward (batch mean)": ([h["step"] for h in history], [h["reward_mean"] for h in history])}

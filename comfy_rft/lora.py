@@ -135,6 +135,26 @@ def inject_lora(
     return _adapter_params(module, adapter_name, trainable=True)
 
 
+def remove_adapters(module: nn.Module) -> int:
+    """Put every peft-wrapped layer of `module` back to its base layer and drop peft's bookkeeping.
+
+    Returns how many layers were unwrapped. The module is then the model it was before any injection.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    removed = 0
+    for name, layer in list(module.named_modules()):
+        if isinstance(layer, BaseTunerLayer) and name:
+            parent_name, _, child = name.rpartition(".")
+            parent = module.get_submodule(parent_name) if parent_name else module
+            setattr(parent, child, layer.get_base_layer())
+            removed += 1
+    for attr in ("peft_config", "_hf_peft_config_loaded"):
+        if attr in module.__dict__:
+            delattr(module, attr)
+    return removed
+
+
 # ---------------------------------------------------------------- naming
 
 

@@ -156,3 +156,40 @@ def sample(backend, cond: Cond, noise: SamplerNoise, *, num_steps: int, eta: flo
             trajectory.stds.append(step.std.detach())
             trajectory.latents.append(x.detach())
     return SampleResult(latents=x, grad_steps=grad_steps, trajectory=trajectory)
+
+
+@dataclass
+class FewStepResult:
+    """A consistency-style rollout: the x̂0 of every step (x0s[-1] is the sample) and each step's input x_t."""
+
+    x0s: list[torch.Tensor]
+    inputs: list[torch.Tensor]
+    timesteps: list[int]
+
+
+def few_step_sample(backend, cond: Cond, noise: SamplerNoise, timesteps: list[int], *, guidance: float = 1.0,
+                    renoise_eta: float = 1.0, use_checkpoint: bool = True) -> FewStepResult:
+    """LCM/Turbo-style multistep sampling: predict x̂0 at each timestep, re-noise it to the next one.
+
+    x = noise.initial at timesteps[0]; at each t, x̂0 = x̂0(x_t) (Tweedie, one denoiser call); before the
+    next timestep t', x_t' = √ᾱ_t'·x̂0 + √(1−ᾱ_t')·(√(1−η²)·ε̂ + η·ξ) with ξ = noise.steps[i]: η=1 draws
+    fresh noise (LCM, SDXL-Turbo), η=0 reuses the predicted ε̂ (deterministic, DDIM-like). When
+    autograd is on, gradient flows through every step (each denoiser call checkpointed), also
+    through the re-noised x̂0 into the next step.
+    """
+    schedule = backend.schedule
+    x, x0s, inputs = noise.initial, [], []
+
+    def model_output(x_in, t):
+        return backend.predict(x_in, t, cond, guidance)
+
+    for i, t in enumerate(timesteps):
+        inputs.append(x)
+        grad = torch.is_grad_enabled()
+        out = checkpoint(model_output, x, t, use_reentrant=False) if grad and use_checkpoint else model_output(x, t)
+        x0, eps = schedule.x0_and_eps(out, x, t)
+        x0s.append(x0)
+        if i + 1 < len(timesteps):
+            fresh = (1 - renoise_eta**2) ** 0.5 * eps + renoise_eta * noise.steps[i]
+            x = schedule.add_noise(x0, fresh, timesteps[i + 1])
+    return FewStepResult(x0s=x0s, inputs=inputs, timesteps=list(timesteps))

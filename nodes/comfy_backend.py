@@ -22,6 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from comfy_rft.backend import Cond
 from comfy_rft.errors import UserError
+from comfy_rft.rewards.surrogate import UNetEncoder, frozen_copy
 from comfy_rft.schedule import schedule_from_alphas_cumprod
 
 log = logging.getLogger("comfy_rft")
@@ -269,6 +270,11 @@ class ComfyBackend:
             raise UserError(f"image size {h}x{w} must be a multiple of {f} for this model")
         return (batch, self.latent_channels, h // f, w // f)
 
+    def unet_encoder(self, depth: int = -1) -> torch.nn.Module:
+        """A frozen copy of the UNet's encoder half (LaSRO's surrogate backbone), without the run's LoRA. It is not
+        one of ComfyUI's managed models: its memory (about half the UNet's) is not in ComfyUI's accounting."""
+        return LdmUNetEncoder(self.denoiser, depth)
+
     # ---- the run's LoRA ----------------------------------------------------------------------
     def lora_layer_paths(self, adapter_name: str = "default") -> list[str]:
         from comfy_rft.lora import _lora_layers
@@ -277,19 +283,9 @@ class ComfyBackend:
 
     def remove_lora(self) -> int:
         """Put every peft-wrapped layer back to its base layer and drop peft's bookkeeping: the MODEL is as before."""
-        from peft.tuners.tuners_utils import BaseTunerLayer
+        from comfy_rft.lora import remove_adapters
 
-        removed = 0
-        for name, module in list(self.denoiser.named_modules()):
-            if isinstance(module, BaseTunerLayer) and name:
-                parent_name, _, child = name.rpartition(".")
-                parent = self.denoiser.get_submodule(parent_name) if parent_name else self.denoiser
-                setattr(parent, child, module.get_base_layer())
-                removed += 1
-        for attr in ("peft_config", "_hf_peft_config_loaded"):
-            if attr in self.denoiser.__dict__:
-                delattr(self.denoiser, attr)
-        return removed
+        return remove_adapters(self.denoiser)
 
     def layers_per_block(self) -> int:
         blocks = getattr(self.denoiser, "num_res_blocks", None)
@@ -298,3 +294,40 @@ class ComfyBackend:
             raise UserError(f"the UNet has a different number of resnets per block ({blocks}); its LoRA cannot be "
                             f"given diffusers names")
         return int(values.pop())
+
+
+class LdmUNetEncoder(UNetEncoder):
+    """The encoder of ComfyUI's `UNetModel` (LDM names), grouped into the levels diffusers has: each down level is
+    its input blocks up to and including its downsampler, then the middle block. It reads what the UNet computes
+    there (tests/test_comfyui_integration.py checks it against the model's own forward)."""
+
+    def __init__(self, unet: torch.nn.Module, depth: int = -1):
+        if getattr(unet, "middle_block", None) is None or not hasattr(unet, "input_blocks"):
+            raise UserError(f"LaSRO's surrogate reads SD1.x/SD2/SDXL UNet encoders; this model's "
+                            f"{type(unet).__name__} has no input_blocks/middle_block")
+        blocks, counts, mult = list(unet.input_blocks), list(unet.num_res_blocks), list(unet.channel_mult)
+        levels, start = [], 1
+        for level, count in enumerate(counts):
+            end = start + count + (level < len(counts) - 1)  # the res blocks, then the downsampler but on the last
+            levels.append(torch.nn.ModuleList(blocks[start:end]))
+            start = end
+        levels.append(torch.nn.ModuleList([unet.middle_block]))
+        channels = [unet.model_channels * m for m in mult] + [unet.model_channels * mult[-1]]
+        super().__init__(blocks[0][0], levels, channels, depth)
+        self.model_channels = unet.model_channels
+        self.time_embed = frozen_copy(unet.time_embed)
+        self.label_emb = frozen_copy(unet.label_emb) if getattr(unet, "num_classes", None) is not None else None
+
+    def embedding(self, x, t, cond):
+        from comfy.ldm.modules.diffusionmodules.util import timestep_embedding
+
+        timesteps = torch.full((x.shape[0],), float(t), device=x.device)
+        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels, repeat_only=False).to(self.dtype))
+        if self.label_emb is not None:
+            emb = emb + self.label_emb(cond.pooled.to(self.dtype))
+        return emb
+
+    def run_level(self, level, h, emb, context):
+        for block in level:  # a TimestepEmbedSequential: resnets take emb, transformers the context
+            h = block(h, emb, context, {})
+        return h

@@ -353,6 +353,8 @@ QUICK = {
                        "eval_every": 1, "preview_every": 1, "lr": 0.01, "checkpoint_every": 1},
     "RFTTrain_rsaft": {"steps": 1, "sampling_steps": 4, "resolution": 64, "batch_size": 1, "eval_samples": 1,
                        "eval_every": 1, "preview_every": 1, "lr": 0.01, "rho_param": 0.01},
+    "RFTTrain_lasro": {"steps": 2, "resolution": 64, "batch_size": 1, "eval_samples": 1, "eval_every": 1,
+                       "preview_every": 1, "lr": 0.01, "surrogate_warmup": 1, "surrogate_steps": 2},
 }
 
 
@@ -515,6 +517,17 @@ def test_cancel_stops_after_the_step_keeps_a_checkpoint_and_resume_continues(com
 
 # In ComfyUI's python: the adapter on a tiny SDXL-architecture MODEL (text_time `y` conditioning), with a
 # stand-in CLIP that returns what SDXL's does (cross-attention states and a 1280-d pooled output).
+# Shared by the scripts below that run in ComfyUI's python: a small VAE config and a deterministic, well-scaled init.
+TINY_PARTS = r"""
+VAE = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 32,
+       "ch_mult": [1, 2, 4, 4], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}
+gen = torch.Generator().manual_seed(0)
+def init_(module):
+    for name, p in module.named_parameters():
+        p.data = ((torch.ones(p.shape) if name.endswith("weight") else torch.zeros(p.shape)) if p.dim() == 1
+                  else torch.randn(p.shape, generator=gen) / math.sqrt(math.prod(p.shape[1:])))
+"""
+
 SDXL_ADAPTER = r"""
 import hashlib, json, logging, math, sys
 comfy_dir, pack, loras, output = sys.argv[1:5]
@@ -532,14 +545,7 @@ UNET = {"model_channels": 64, "use_linear_in_transformer": True, "transformer_de
         "transformer_depth_output": [0, 0, 1, 1], "transformer_depth_middle": 1, "in_channels": 4, "out_channels": 4,
         "image_size": 32, "use_spatial_transformer": True, "legacy": False, "use_temporal_attention": False,
         "use_temporal_resblock": False, "use_checkpoint": False}
-VAE = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 32,
-       "ch_mult": [1, 2, 4, 4], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}
-gen = torch.Generator().manual_seed(0)
-def init_(module):
-    for name, p in module.named_parameters():
-        p.data = ((torch.ones(p.shape) if name.endswith("weight") else torch.zeros(p.shape)) if p.dim() == 1
-                  else torch.randn(p.shape, generator=gen) / math.sqrt(math.prod(p.shape[1:])))
-class Clip:  # SDXL's CLIP output, tiny: cross-attention states and a pooled vector
+""" + TINY_PARTS + r"""class Clip:  # SDXL's CLIP output, tiny: cross-attention states and a pooled vector
     def tokenize(self, text):
         return text
     def encode_from_tokens(self, tokens, return_pooled=False, return_dict=False):
@@ -658,3 +664,101 @@ def test_the_adapter_returns_the_networks_own_epsilon_or_v():
     result = json.loads(run.stdout.strip().splitlines()[-1])
     assert result.pop("EPS type") == "epsilon" and result.pop("V_PREDICTION type") == "v_prediction"
     assert all(error < 1e-3 for error in result.values()), result  # float32 round trip through x0
+
+
+# In ComfyUI's python: LaSRO's surrogate backbone on ComfyUI's own UNetModel (LDM names) reads exactly what the
+# model computes at its level boundaries (SD1.5 and SDXL, whose `y` goes through label_emb), and the LaSRO trainer
+# node runs on an SDXL MODEL with the non-differentiable JPEG reward and writes its surrogate next to the LoRA.
+LDM_ENCODER = r"""
+import hashlib, json, math, sys
+comfy_dir, pack, output = sys.argv[1:4]
+sys.path.insert(0, comfy_dir)
+sys.path.append(pack)
+from comfy.cli_args import args
+args.cpu = True
+import torch
+import comfy.model_management as mm, comfy.model_patcher, comfy.sd, comfy.supported_models, folder_paths
+from comfy.ldm.models.autoencoder import AutoencoderKL
+from comfy_rft.nodes.comfy_backend import ComfyBackend, training_mode
+folder_paths.set_output_directory(output)
+COMMON = {"use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
+          "legacy": False, "in_channels": 4, "num_res_blocks": [1, 1], "channel_mult": [1, 2],
+          "transformer_depth_middle": 1, "use_temporal_attention": False, "use_temporal_resblock": False}
+MODELS = {
+    "SD15": dict(COMMON, adm_in_channels=None, model_channels=32, transformer_depth=[1, 1], context_dim=768,
+                 use_linear_in_transformer=False, transformer_depth_output=[1, 1, 1, 1]),
+    "SDXL": dict(COMMON, adm_in_channels=2816, num_classes="sequential", model_channels=64, transformer_depth=[0, 1],
+                 context_dim=64, use_linear_in_transformer=True, transformer_depth_output=[0, 0, 1, 1]),
+}
+""" + TINY_PARTS + r"""def clip_for(width, pooled):
+    class Clip:
+        def tokenize(self, text):
+            return text
+        def encode_from_tokens(self, tokens, return_pooled=False, return_dict=False):
+            g = torch.Generator().manual_seed(int(hashlib.md5(tokens.encode()).hexdigest()[:8], 16))
+            return {"cond": torch.randn(1, 77, width, generator=g), "pooled_output": torch.randn(1, pooled, generator=g)}
+    return Clip()
+result = {}
+with torch.inference_mode():
+    kl = AutoencoderKL(ddconfig=VAE, embed_dim=4)
+    init_(kl)
+    vae = comfy.sd.VAE(sd={k: v.clone() for k, v in kl.state_dict().items()}, config={"params": {"ddconfig": VAE, "embed_dim": 4}})
+    for name, unet in MODELS.items():
+        config = getattr(comfy.supported_models, name)(dict(unet))
+        config.set_inference_dtype(torch.float32, None)
+        base = config.get_model({}, device=torch.device("cpu"))
+        init_(base.diffusion_model)
+        model = comfy.model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+        clip = clip_for(unet["context_dim"], 1280 if name == "SDXL" else 768)
+        with training_mode():
+            backend = ComfyBackend(model, clip, vae, ["a cat", "a dog"], resolution=64)
+            cond = backend.encode(["a cat", "a dog"])
+            x = torch.randn(2, 4, 8, 8, generator=gen)
+            net = base.diffusion_model
+            encoder = backend.unet_encoder()
+            caught = []
+            # level boundaries: conv_in, each level's last input block (its downsampler but on the last), the middle
+            ends = [0, 2, 3]
+            # (the UNet runs its TimestepEmbedSequentials layer by layer, so hook each one's last layer)
+            hooks = [net.input_blocks[i][-1].register_forward_hook(lambda m, i, o: caught.append(o)) for i in ends]
+            hooks.append(net.middle_block[-1].register_forward_hook(lambda m, i, o: caught.append(o)))
+            with torch.no_grad():
+                kwargs = {"y": cond.pooled} if cond.pooled is not None else {}
+                net(x, torch.full((2,), 50.0), context=cond.embeds, **kwargs)
+                ours = encoder(x, 50, cond)
+            for h in hooks:
+                h.remove()
+            result[name] = {"levels": len(ours), "channels": encoder.feature_channels,
+                            "error": max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(ours, caught)),
+                            "shapes_match": [tuple(a.shape) for a in ours] == [tuple(b.shape) for b in caught]}
+            backend.remove_lora()
+    from comfy_rft.nodes import node_defs
+    defs = {d.node_id: d for d in node_defs()}
+    reward = defs["RFTLoadReward_jpeg"].run().values[0]
+    node = defs["RFTTrain_lasro"]
+    settings = {i.name: i.default for i in node.inputs if i.is_widget}
+    settings.update(steps=2, resolution=64, batch_size=1, eval_samples=1, lr=1e-2, checkpoint_every=0, surrogate_warmup=1,
+                    surrogate_steps=2)
+    patched, payload, log = node.run(model=model, clip=clip, vae=vae, reward=reward, prompts=["a", "b"], **settings).values
+    result["trained"] = {"steps": len(log.history), "keys": len(payload.state_dict),
+                         "metrics": sorted(k for k in log.history[-1] if "surrogate" in k or "queries" in k),
+                         "surrogate_file": any(p.name.endswith("_surrogate.safetensors") for p in
+                                               __import__("pathlib").Path(log.run_dir).iterdir())}
+print(json.dumps(result))
+"""
+
+
+def test_lasro_surrogate_reads_comfyuis_unet_and_the_node_trains():
+    if not (_venv() / "bin" / "python").is_file():
+        pytest.skip(f"no ComfyUI venv at {_venv()} (comfy_here.sh setup makes one)")
+    CACHE.mkdir(parents=True, exist_ok=True)
+    run = subprocess.run([str(_venv() / "bin" / "python"), "-c", LDM_ENCODER, COMFYUI_DIR, str(ROOT),
+                          str(CACHE / "lasro-output")], capture_output=True, text=True, timeout=900, cwd=CACHE)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    for name in ("SD15", "SDXL"):
+        assert result[name]["levels"] == 4 and result[name]["shapes_match"], result[name]
+        assert result[name]["error"] < 1e-5, result[name]
+    trained = result["trained"]
+    assert trained["steps"] == 2 and trained["keys"] > 0 and trained["surrogate_file"], trained
+    assert {"surrogate_reward", "surrogate_pair_accuracy", "reward_queries", "surrogate_gap"} <= set(trained["metrics"])

@@ -4,6 +4,7 @@
 """
 
 from .draft import DraftConfig, DraftMethod
+from .lasro import LasroConfig, LasroMethod
 from .rsaft import RsaftConfig, RsaftMethod
 from .sqdf import SqdfConfig, SqdfMethod
 
@@ -11,6 +12,8 @@ METHODS = {
     "draft": (DraftConfig, DraftMethod),
     "rsaft": (RsaftConfig, RsaftMethod),
     "sqdf": (SqdfConfig, SqdfMethod),
+    "lasro": (LasroConfig, LasroMethod),
 }
 
-__all__ = ["METHODS", "DraftConfig", "DraftMethod", "RsaftConfig", "RsaftMethod", "SqdfConfig", "SqdfMethod"]
+__all__ = ["METHODS", "DraftConfig", "DraftMethod", "LasroConfig", "LasroMethod", "RsaftConfig", "RsaftMethod",
+           "SqdfConfig", "SqdfMethod"]

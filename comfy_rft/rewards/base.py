@@ -24,3 +24,13 @@ class Reward(nn.Module):
 
     def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
+
+
+class LatentReward(Reward):
+    """r(latents [B,C,h,w] of the model, prompts) -> Tensor[B]: a reward that reads latents, not pixels.
+
+    It needs no VAE decode, so its gradient is cheap; LaSRO's learned surrogate is one. Unlike image
+    rewards it may be trainable: freeze() it before using it as a fixed reward.
+    """
+
+    name = "latent-reward"
