@@ -176,6 +176,13 @@ def memory(step, seed: int, device: torch.device, weights: set[int]) -> tuple[in
     return saved, (_status_kib("VmHWM") - base) * 1024
 
 
+def warm_time_and_peak(step, repeats: int, device: torch.device, weights: set[int]) -> tuple[float, float]:
+    """After one warm-up call: the median seconds of `repeats` calls (seeds 1..repeats) and the peak MiB of one."""
+    step(0)
+    peak = memory(step, 0, device, weights)[1] / MiB
+    return statistics.median(seconds(step, seed, device) for seed in range(1, repeats + 1)), peak
+
+
 def weight_storages(*modules) -> set[int]:
     """The storages of the models' weights, which stay resident anyway and so are not step memory."""
     return {t.untyped_storage().data_ptr() for m in modules for t in [*m.parameters(), *m.buffers()]}
@@ -246,9 +253,7 @@ def run_sqdf(args, backend, reward, params, optimizer) -> list[dict]:
         sqdf = SqdfSteps(backend, reward, params, optimizer, steps, args.resolution)
         row = {"T": steps}
         for name, step in (("rollout", sqdf.rollout), ("update", sqdf.update)):
-            step(0)  # warm-up
-            row[f"{name}_peak_mib"] = memory(step, 0, device, weights)[1] / MiB
-            row[f"{name}_s"] = statistics.median(seconds(step, seed, device) for seed in range(1, args.repeats + 1))
+            row[f"{name}_s"], row[f"{name}_peak_mib"] = warm_time_and_peak(step, args.repeats, device, weights)
         rows.append(row)
         print(f"  done SQDF T={steps}", file=sys.stderr, flush=True)
     return rows
@@ -300,9 +305,7 @@ def run_lasro(args, backend, reward, params, optimizer) -> list[dict]:
             row = {"T": steps, "depth": "all" if depth == -1 else "conv_in", "queries": method.config.batch_size
                    * config.samples_per_prompt * steps}
             for name, step in (("gen", generator_step), ("round", surrogate_round)):
-                step(0)
-                row[f"{name}_peak_mib"] = memory(step, 0, device, weights)[1] / MiB
-                row[f"{name}_s"] = statistics.median(seconds(step, seed, device) for seed in range(1, args.repeats + 1))
+                row[f"{name}_s"], row[f"{name}_peak_mib"] = warm_time_and_peak(step, args.repeats, device, weights)
             rows.append(row)
             print(f"  done LaSRO T={steps} depth={row['depth']}", file=sys.stderr, flush=True)
     return rows
