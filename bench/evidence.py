@@ -51,6 +51,7 @@ class Arm:
     method: str
     overrides: dict = field(default_factory=dict)
     claim: str = ""
+    own_sampler: bool = False  # judged with its own few-step sampler (LaSRO), not the shared DDIM
 
 
 # Equal budgets: the same model, prompts, steps, batch, LoRA, optimiser and sampler for every arm.
@@ -58,6 +59,9 @@ SHARED = dict(model=TOY_MODEL, reward="toy-proxy", prompts="\n".join(shapes.all_
               lr=3e-3, weight_decay=0.0, lora_rank=4, lora_alpha=4.0, sampling_steps=SAMPLING_STEPS, eta=0.0,
               guidance=GUIDANCE, eval_samples=36, checkpoint_every=0, grad_checkpointing=False)
 RSAFT = dict(base="draft-k", k=1, rho=0.5, rho_param=0.05)  # ρ ≈ 2 % of a 32x32 image's L2 norm (§9: 1e-2 x scale)
+# LaSRO optimises the program's check, a reward with no gradient, with a 2-step generator (the toy
+# model is not distilled: its 2-step samples are its own baseline, judged with the same sampler).
+LASRO = dict(reward="toy-check", sampling_steps=2, eta=1.0, lr=1e-3, surrogate_steps=8, surrogate_warmup=8)
 ARMS = [
     Arm("DRaFT-1", "draft", dict(k=1), "DRaFT-K with K=1 raises the reward cheaply"),
     Arm("DRaFT-3", "draft", dict(k=3), "K>1 costs more per step and gains little"),
@@ -67,7 +71,11 @@ ARMS = [
     Arm("RSA-FT SAM-only", "rsaft", {**RSAFT, "image_perturbation": False}, "ablation"),
     Arm("SQDF", "sqdf", dict(eta=1.0, gamma=0.9, alpha=2.0), "KL keeps it near the base: less hacking"),
     Arm("SQDF α=0.05", "sqdf", dict(eta=1.0, gamma=0.9, alpha=0.05), "the paper's large-scale α"),
+    Arm("LaSRO on toy-check", "lasro", LASRO, "a black-box reward, through a learned surrogate", own_sampler=True),
+    Arm("LaSRO frozen surrogate", "lasro", {**LASRO, "freeze_surrogate_after": 1},
+        "ablation: a surrogate that stops learning gets hacked", own_sampler=True),
 ]
+BASE_FEW_STEP = Arm("base model, 2-step sampler", "lasro", LASRO, own_sampler=True)
 FAST_ARMS = [ARMS[0]]
 
 
@@ -107,13 +115,14 @@ class Judge:
             self.real_features = self.gold.ensemble.features(real)
 
     @torch.no_grad()
-    def __call__(self, method: str, config, lora_file: str | None = None) -> tuple[dict, torch.Tensor]:
-        """Measures of the images the method's own sampler (`Method.generate`) makes with the LoRA file."""
+    def __call__(self, arm: Arm, config, lora_file: str | None = None) -> tuple[dict, torch.Tensor]:
+        """Measures of the images `Method.generate` makes with the LoRA file: deterministic DDIM (η = 0)
+        for every arm that samples with the shared sampler, the arm's own sampler otherwise."""
         backend = DiffusersBackend.load(TOY_MODEL, device="cpu")
         if lora_file:
             lora.load_lora(backend.denoiser, lora_file)
-        # One yardstick: deterministic DDIM (η = 0) for every method that samples with the shared sampler.
-        generator = METHODS[method][1](dataclasses.replace(config, eta=0.0), backend, self.proxy)
+        config = config if arm.own_sampler else dataclasses.replace(config, eta=0.0)
+        generator = METHODS[arm.method][1](config, backend, self.proxy)
         images = torch.cat([generator.generate(self.prompts[i:i + 72], derive_seed(JUDGE_SEED, i))
                             for i in range(0, len(self.prompts), 72)])
         match, size = shapes.check(images, self.prompts)
@@ -194,7 +203,10 @@ def run(out: Path, seeds: list[int], steps: int, arms: list[Arm]) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     judge = Judge()
-    base, base_images = judge("draft", arm_config(ARMS[0], 0, steps, out))
+    base, base_images = judge(ARMS[0], arm_config(ARMS[0], 0, steps, out))
+    bases = {"base model": base}
+    if any(a.own_sampler for a in arms):
+        bases[BASE_FEW_STEP.label] = judge(BASE_FEW_STEP, arm_config(BASE_FEW_STEP, 0, steps, out))[0]
     results = {"steps": steps, "seeds": seeds, "shared": {k: v for k, v in SHARED.items() if k != "prompts"},
                "base": base, "arms": {}}
     grids, grid_labels = [base_images[:12]], ["base"]
@@ -203,13 +215,15 @@ def run(out: Path, seeds: list[int], steps: int, arms: list[Arm]) -> dict:
         for seed in seeds:
             run_dir = out / "runs" / f"{arm.label.replace(' ', '_')}-seed{seed}"
             trained = train_arm(arm, seed, steps, run_dir)
-            judged, images = judge(arm.method, arm_config(arm, seed, steps, run_dir), trained["lora"])
+            judged, images = judge(arm, arm_config(arm, seed, steps, run_dir), trained["lora"])
             runs.append({**judged, **trained})
             print(f"{arm.label} seed {seed}: " + ", ".join(f"{k} {v:.3f}" for k, v in judged.items()), flush=True)
         results["arms"][arm.label] = runs
         grids.append(images[:12])
         grid_labels.append(arm.label)
-    rows = [{"arm": "base model", "seeds": 0, **base}] + [median_row(a, r) for a, r in results["arms"].items()]
+    results["bases"] = bases
+    rows = [{"arm": label, "seeds": 0, **b} for label, b in bases.items()]
+    rows += [median_row(a, r) for a, r in results["arms"].items()]
     results["table"] = rows
     results["seconds"] = round(time.perf_counter() - started, 1)
     table = markdown(rows)

@@ -273,6 +273,7 @@ def build_model(tmp: Path, steps, log) -> dict:
 
 def build_classifiers(tmp: Path, steps) -> tuple[Ensemble, dict]:
     """The proxy (240 clean renders, memorised) and the gold ensemble (fresh augmented renders, 5 members)."""
+    torch.manual_seed(SEED + 1)  # the weights' init: the same whether or not the model was trained first
     gen = torch.Generator().manual_seed(SEED + 1)
     t0 = time.perf_counter()
     proxy_data = batch(240, gen)  # ~7 images per caption, clean, memorised: sharp and hackable
