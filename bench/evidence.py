@@ -110,7 +110,8 @@ class Judge:
         self.prompts = shapes.all_captions() * JUDGE_NOISES
         self.proxy, self.gold = load_reward("toy-proxy"), load_reward("toy-gold")
         generator = torch.Generator().manual_seed(JUDGE_SEED)
-        real = shapes.render(shapes.labels(self.prompts), generator)
+        self.labels = shapes.labels(self.prompts)
+        real = shapes.render(self.labels, generator)
         with torch.no_grad():
             self.real_features = self.gold.ensemble.features(real)
 
@@ -125,12 +126,12 @@ class Judge:
         generator = METHODS[arm.method][1](config, backend, self.proxy)
         images = torch.cat([generator.generate(self.prompts[i:i + 72], derive_seed(JUDGE_SEED, i))
                             for i in range(0, len(self.prompts), 72)])
-        match, size = shapes.check(images, self.prompts)
+        match, size = shapes.check(images, self.labels)
         return {
             "proxy": self.proxy(images, self.prompts).mean().item(),
             "gold": self.gold(images, self.prompts).mean().item(),
             "check": shapes.preference(match, size).mean().item(),
-            "caption_accuracy": caption_hits(self.gold.ensemble, images, shapes.labels(self.prompts)).float().mean().item(),
+            "caption_accuracy": caption_hits(self.gold.ensemble, images, self.labels).float().mean().item(),
             "size": size.mean().item(),
             "diversity": diversity(images, self.prompts),
             "fd_real": frechet_distance(self.gold.ensemble.features(images), self.real_features),

@@ -56,8 +56,8 @@ def test_the_program_reads_every_rendered_attribute_and_size():
 
 def test_the_check_scores_matches_and_size(renders):
     images, prompts = renders
-    match, size = shapes.check(images, prompts)
-    assert (match == 1).all() and (shapes.check(images, _wrong_captions(prompts))[0] == 2 / 3).all()
+    match, size = shapes.check(images, shapes.labels(prompts))
+    assert (match == 1).all() and (shapes.check(images, shapes.labels(_wrong_captions(prompts)))[0] == 2 / 3).all()
     assert ((0 <= size) & (size <= 1)).all()
 
 
@@ -112,7 +112,7 @@ def test_the_base_model_follows_its_captions():
     assert images.shape == (36, 3, 32, 32)
     gold = load_reward("toy-gold")
     assert caption_hits(gold.ensemble, images, shapes.labels(prompts)).float().mean() > 0.8
-    assert shapes.check(images, prompts)[0].mean() > 0.8
+    assert shapes.check(images, shapes.labels(prompts))[0].mean() > 0.8
 
 
 def test_evidence_fast_mode_draft_raises_the_proxy(tmp_path):

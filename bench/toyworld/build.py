@@ -234,8 +234,9 @@ def caption_accuracy(model_dir: Path, gold: Ensemble, per_caption: int, steps: i
         noise = SamplerNoise.from_seed(SEED, backend.latent_shape(len(prompts)), steps, first_index=start)
         latents = sample(backend, backend.encode(prompts), noise, num_steps=steps, eta=0.0, guidance=guidance).latents
         images = backend.decode(latents)
-        hits.append(caption_hits(gold, images, shapes.labels(prompts)).float())
-        checks.append(shapes.check(images, prompts)[0])
+        labels = shapes.labels(prompts)
+        hits.append(caption_hits(gold, images, labels).float())
+        checks.append(shapes.check(images, labels)[0])
     hits, checks = torch.cat(hits), torch.cat(checks)
     chance = 1 / (len(shapes.SHAPES) * len(shapes.COLOURS) * (len(shapes.COLOURS) - 1))
     return {"samples": len(captions), "sampling_steps": steps, "guidance": guidance,

@@ -60,5 +60,4 @@ class ToyCheck(Reward):
     typical_range = (0.0, 1.0)
 
     def forward(self, images, prompts):
-        _labels(prompts, images.device)
-        return shapes.preference(*shapes.check(images, prompts))
+        return shapes.preference(*shapes.check(images, _labels(prompts, images.device)))

@@ -143,9 +143,9 @@ def preference(caption_match: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
     return (caption_match + size) / 2
 
 
-def check(images: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """What the program finds: the fraction of the caption's three attributes it reads in each image
-    (0, 1/3, 2/3, 1) and the shape's size clamped to [0, 1] (0 where no shape is found)."""
+def check(images: torch.Tensor, caption_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the program finds against each caption's `labels`: the fraction of its three attributes
+    read in the image (0, 1/3, 2/3, 1) and the shape's size clamped to [0, 1] (0 where none is found)."""
     attributes, size = read_attributes(images)
-    match = (attributes == labels(prompts)).float().mean(dim=1)
+    match = (attributes == caption_labels.cpu()).float().mean(dim=1)
     return match.to(images.device), size.clamp(0, 1).to(images.device)
