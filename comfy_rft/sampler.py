@@ -5,7 +5,8 @@ A `GradPolicy` names the steps whose denoiser call carries gradient to the train
 gradient step run without autograd; after it, the latent chain keeps its graph so the gradient
 reaches x0. Each gradient step is checkpointed (recomputed in backward) so memory does not grow
 with the number of steps. `SamplerNoise` fixes every random draw of a rollout up front, so a
-rollout can be replayed exactly (RSA-FT's second pass, resume).
+rollout can be replayed exactly (RSA-FT's second pass, resume), and a `Boundary` lets a replay start
+where the gradient starts, without running the no-gradient steps again.
 """
 
 from __future__ import annotations
@@ -95,10 +96,23 @@ class Trajectory:
     stds: list[torch.Tensor] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class Boundary:
+    """The detached latent entering step `index`, the first step with gradient (or the end of the steps run).
+
+    Everything before it ran without autograd, so it depends on the adapter only as a constant: a
+    replay with the same noise and policy draws can start here (RSA-FT's shared-prefix SAM pass).
+    """
+
+    index: int
+    latent: torch.Tensor
+
+
 @dataclass
 class SampleResult:
     latents: torch.Tensor
     grad_steps: frozenset[int]
+    boundary: Boundary
     trajectory: Trajectory | None = None
 
 
@@ -126,21 +140,33 @@ def checkpointed(fn, x: torch.Tensor, use_checkpoint: bool = True) -> torch.Tens
 
 def sample(backend, cond: Cond, noise: SamplerNoise, *, num_steps: int, eta: float = 0.0, guidance: float = 7.5,
            policy: GradPolicy = GradPolicy("none"), rng: random.Random | None = None,
-           use_checkpoint: bool = True, record: bool = False, stop_before: int | None = None) -> SampleResult:
+           use_checkpoint: bool = True, record: bool = False, stop_before: int | None = None,
+           start: Boundary | None = None) -> SampleResult:
     """Run DDIM(η) from noise.initial to x0; gradient flows through the steps `policy` names.
 
     `stop_before=i` returns the latent that enters step i instead (ReFL takes x̂0 from there).
+    `start` resumes from the boundary an earlier rollout with the same noise, policy and rng state
+    returned, skipping the steps before it; the result is what the full rollout gives with the
+    adapter those steps ran under.
     """
     schedule = backend.schedule
     timesteps = schedule.timesteps(num_steps)[:stop_before]
     grad_steps = policy.grad_steps(num_steps, rng)
     first_grad = min(grad_steps, default=num_steps)
+    boundary_index = min(first_grad, len(timesteps))
+    if start is not None and (start.index != boundary_index or record):
+        raise ValueError(f"cannot resume at step {start.index}: this rollout's gradient starts at step "
+                         f"{boundary_index}" + (" (and a resumed rollout records no trajectory)" if record else ""))
+    boundary = start
     trajectory = Trajectory() if record else None
-    x = noise.initial
+    x = noise.initial if start is None else start.latent
     if record:
         trajectory.latents.append(x.detach())
 
-    for i, t in enumerate(timesteps):
+    for i in range(0 if start is None else boundary_index, len(timesteps)):
+        t = timesteps[i]
+        if i == boundary_index:
+            boundary = Boundary(i, x.detach())
         with torch.set_grad_enabled(torch.is_grad_enabled() and i >= first_grad):
             if i in grad_steps and torch.is_grad_enabled():
                 out = predict(backend, x, t, cond, guidance, use_checkpoint)
@@ -155,7 +181,8 @@ def sample(backend, cond: Cond, noise: SamplerNoise, *, num_steps: int, eta: flo
             trajectory.means.append(step.mean.detach())
             trajectory.stds.append(step.std.detach())
             trajectory.latents.append(x.detach())
-    return SampleResult(latents=x, grad_steps=grad_steps, trajectory=trajectory)
+    boundary = boundary or Boundary(len(timesteps), x.detach())
+    return SampleResult(latents=x, grad_steps=grad_steps, boundary=boundary, trajectory=trajectory)
 
 
 @dataclass

@@ -4,7 +4,8 @@ DRaFT, DRaFT-K, DRaFT-LV, ReFL and AlignProp differ only in where the stop-gradi
 (DRaFT's Algorithm 1). One function serves them all so that every method built on them (DRaFT,
 RSA-FT around any of them) uses the same rollout. Every random choice (random K, ReFL's stop step,
 LV's re-noising) comes from the step seed, so a second rollout with the same seed replays it
-exactly (RSA-FT's SAM pass).
+exactly (RSA-FT's SAM pass), and that replay may start at the returned `Boundary`, where the
+gradient starts, instead of at x_T.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 
 from .backend import Cond
 from .errors import UserError
-from .sampler import GradPolicy, SamplerNoise, predict, sample
+from .sampler import Boundary, GradPolicy, SamplerNoise, predict, sample
 from .seeding import derive_seed
 
 BASES = ("draft-k", "draft-lv", "refl", "alignprop")
@@ -46,25 +47,30 @@ class Truncation:
 
 
 def reward_latents(backend, cond: Cond, prompts: list[str], noise: SamplerNoise, seed: int, truncation: Truncation, *,
-                   num_steps: int, eta: float, guidance: float, use_checkpoint: bool = True):
-    """The latents to decode and score, carrying gradient where `truncation` puts it, and their prompts."""
-    truncation.validate(num_steps)
+                   num_steps: int, eta: float, guidance: float, use_checkpoint: bool = True,
+                   start: Boundary | None = None) -> tuple[torch.Tensor, list[str], Boundary]:
+    """The latents to decode and score, carrying gradient where `truncation` puts it, their prompts, and the
+    boundary where the gradient starts (pass it back as `start`, same seed and noise, to re-run only what follows)."""
+    truncation.validate(num_steps)  # microseconds; guards callers that skipped Method.check
     rng = random.Random(seed)
-    common = dict(num_steps=num_steps, eta=eta, guidance=guidance, use_checkpoint=use_checkpoint)
+    common = dict(num_steps=num_steps, eta=eta, guidance=guidance, use_checkpoint=use_checkpoint, start=start)
     if truncation.base == "draft-k":
-        return sample(backend, cond, noise, policy=GradPolicy("last_k", k=truncation.k), **common).latents, prompts
+        result = sample(backend, cond, noise, policy=GradPolicy("last_k", k=truncation.k), **common)
+        return result.latents, prompts, result.boundary
     if truncation.base == "alignprop":
         policy = GradPolicy("random_k", k_range=truncation.alignprop_k)
-        return sample(backend, cond, noise, policy=policy, rng=rng, **common).latents, prompts
+        result = sample(backend, cond, noise, policy=policy, rng=rng, **common)
+        return result.latents, prompts, result.boundary
     if truncation.base == "refl":
         stop = rng.randint(num_steps - truncation.refl_window, num_steps - 1)
-        x = sample(backend, cond, noise, stop_before=stop, **common).latents
-        t = backend.schedule.timesteps(num_steps)[stop]
+        result = sample(backend, cond, noise, stop_before=stop, **common)
+        x, t = result.latents, backend.schedule.timesteps(num_steps)[stop]
         out = predict(backend, x, t, cond, guidance, use_checkpoint)
-        return backend.schedule.x0_and_eps(out, x, t)[0], prompts
-    x0 = sample(backend, cond, noise, **common).latents.detach()
-    return _lv_last_step(backend, x0, cond, prompts, noise.sample_seeds, truncation.lv_samples, num_steps, eta,
-                         guidance, use_checkpoint)
+        return backend.schedule.x0_and_eps(out, x, t)[0], prompts, result.boundary
+    result = sample(backend, cond, noise, **common)
+    latents, prompts = _lv_last_step(backend, result.latents.detach(), cond, prompts, noise.sample_seeds,
+                                     truncation.lv_samples, num_steps, eta, guidance, use_checkpoint)
+    return latents, prompts, result.boundary
 
 
 def _lv_last_step(backend, x0, cond, prompts, sample_seeds, n, num_steps, eta, guidance, use_checkpoint):

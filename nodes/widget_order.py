@@ -78,6 +78,7 @@ WIDGET_ORDER = {
         'delta_at',
         'rho_param_scale',
         'preview_every',
+        'sam_rollout',
     ],
     'RFTTrain_lasro': [
         'steps',

@@ -11,7 +11,7 @@ from comfy_rft.loop import add_run_lora
 from comfy_rft.lora import lora_state_dict, read_lora
 from comfy_rft.rewards import load_reward
 from comfy_rft.rewards.base import Reward
-from comfy_rft.rewards.robust import RobustReward
+from comfy_rft.rewards.robust import RobustReward, sharpness
 from comfy_rft.trainers.draft import DraftMethod
 from comfy_rft.trainers.rsaft import RsaftConfig, RsaftMethod
 
@@ -43,7 +43,7 @@ def test_sam_update_equals_a_hand_written_reference():
     params, theta = method.params, [p.detach().clone() for p in method.params]
     reward = method.reward
     # The reference: perturb, recompute, restore, step, written out from the paper's equations.
-    images, prompts = method.rollout(PROMPTS, 3)
+    images, prompts, _ = method.rollout(PROMPTS, 3)
     grads = torch.autograd.grad(reward(images, prompts).sum(), [images, *params])
     g_img, g_theta = grads[0], grads[1:]
     delta = -0.05 * g_img / g_img.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
@@ -51,7 +51,7 @@ def test_sam_update_equals_a_hand_written_reference():
     with torch.no_grad():
         for p, g in zip(params, g_theta):
             p.sub_(0.05 * g / norm)
-    images_p, _ = method.rollout(PROMPTS, 3)
+    images_p, _, _ = method.rollout(PROMPTS, 3)
     expected = torch.autograd.grad(-reward(images_p + delta, prompts).mean(), params)
     with torch.no_grad():
         for p, t in zip(params, theta):
@@ -74,10 +74,51 @@ def test_sam_update_equals_a_hand_written_reference():
         torch.testing.assert_close(p, r, atol=1e-6, rtol=0)
 
 
+def test_shared_prefix_sam_equals_a_hand_written_reference(monkeypatch):
+    """--sam-rollout shared-prefix: the steps without gradient run once at θ, only the K=2 last re-run at θ + ε."""
+    method = _method(rho=0.05, rho_param=0.05, sam_rollout="shared-prefix", eta=1.0)
+    params, theta, reward, backend = method.params, [p.detach().clone() for p in method.params], method.reward, \
+        method.backend
+    images, prompts, _ = method.rollout(PROMPTS, 3)
+    grads = torch.autograd.grad(reward(images, prompts).sum(), [images, *params])
+    delta = -0.05 * grads[0] / grads[0].flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+    norm = torch.sqrt(sum((g ** 2).sum() for g in grads[1:]))
+    # The reference: DDIM by hand, steps 0-1 without gradient at θ, then θ + ε for steps 2-3 only.
+    cond, noise, schedule = backend.encode(PROMPTS, 64, 64), method.noise(2, 3), backend.schedule
+    timesteps = schedule.timesteps(4)
+    x = noise.initial
+    for i, t in enumerate(timesteps):
+        if i == 2:
+            x = x.detach()
+            with torch.no_grad():
+                for p, g in zip(params, grads[1:]):
+                    p.sub_(0.05 * g / norm)
+        with torch.set_grad_enabled(i >= 2):
+            step = schedule.step_distribution(backend.predict(x, t, cond, 3.0), x, t, schedule.previous(t, 4), 1.0)
+            x = step.mean + step.std * noise.steps[i]
+    expected = torch.autograd.grad(-reward(backend.decode(x) + delta, prompts).mean(), params)
+    with torch.no_grad():
+        for p, t in zip(params, theta):
+            p.copy_(t)
+
+    calls = []
+    predict = backend.predict
+    monkeypatch.setattr(backend, "predict", lambda *a, **k: calls.append(torch.is_grad_enabled()) or predict(*a, **k))
+    got = _step_gradient(method)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, atol=1e-6, rtol=1e-5)
+    assert all(torch.equal(p, t) for p, t in zip(params, theta)), "the adapter drifted: θ not restored exactly"
+    assert calls.count(False) == 2, "the two steps without gradient ran again at θ + ε"
+    monkeypatch.undo()
+    full = _step_gradient(_method(rho=0.05, rho_param=0.05, sam_rollout="full", eta=1.0))
+    assert any(not torch.allclose(a, b, atol=1e-6) for a, b in zip(full, got)), "the mode made no difference"
+
+
+@pytest.mark.parametrize("sam_rollout", ["full", "shared-prefix"])
 @pytest.mark.parametrize("base", ["draft-k", "draft-lv", "refl", "alignprop"])
-def test_zero_radii_give_exactly_the_base_update(base):
+def test_zero_radii_give_exactly_the_base_update(base, sam_rollout):
     plain = _step_gradient(_method(DraftMethod, RsaftConfig, base=base))
-    zero = _step_gradient(_method(base=base, rho=0.0, rho_param=0.0))
+    zero = _step_gradient(_method(base=base, rho=0.0, rho_param=0.0, sam_rollout=sam_rollout))
     assert all(torch.equal(a, b) for a, b in zip(plain, zero))
     assert sum(g.abs().sum() for g in plain) > 0
 
@@ -120,10 +161,18 @@ def test_ablation_switches():
     assert differs(run(rho=0.5, rho_param=0.5, delta_at="perturbed"), both)
 
 
-def test_logged_metrics():
-    output = _method().loss(PROMPTS, 1)
-    assert {"proxy_reward", "robust_reward", "sharpness_s1", "grad_norm_theta"} <= output.metrics.keys()
-    assert output.metrics["robust_reward"] <= output.metrics["proxy_reward"] + 1e-3
+@pytest.mark.parametrize("param_perturbation", [True, False])
+def test_logged_metrics(param_perturbation):
+    method = _method(reward=PixelEnergy().freeze(), rho=0.5, param_perturbation=param_perturbation)
+    output = method.loss(PROMPTS, 1)
+    method.after_backward()
+    assert {"proxy_reward", "robust_reward", "sharpness_s1"} <= output.metrics.keys()
+    assert ("grad_norm_theta" in output.metrics) == param_perturbation
+    assert output.metrics["robust_reward"] < output.metrics["proxy_reward"]
+    images, prompts, _ = method.rollout(PROMPTS, 1)  # S1 is Eq. 10 on the images at θ, whichever path scored it
+    assert output.metrics["sharpness_s1"] == pytest.approx(sharpness(method.reward, images, prompts, 0.5).item(),
+                                                           rel=1e-4)
+    assert output.metrics["sharpness_s1"] > 0
 
 
 def test_rsaft_cli_raises_the_reward_and_changes_every_lora_parameter(tmp_path, capsys):

@@ -118,6 +118,38 @@ def test_checkpointing_gives_the_same_gradients(sd15):
     torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("policy", [GradPolicy("last_k", k=2), GradPolicy("random_k", k_range=(1, 5)),
+                                    GradPolicy("all"), GradPolicy("none")])
+def test_a_rollout_resumed_at_its_boundary_equals_the_whole_rollout(sd15, policy, monkeypatch):
+    """RSA-FT's shared-prefix pass: starting where the gradient starts skips the no-gradient steps, changes nothing."""
+    weight = sd15.denoiser.conv_in.weight
+    weight.requires_grad_(True)
+    cond = sd15.encode(["a red circle", "a blue square"])
+    noise = SamplerNoise.from_seed(3, sd15.latent_shape(2), 6)
+    calls = []
+    predict = sd15.predict
+    monkeypatch.setattr(sd15, "predict", lambda *a, **k: calls.append(1) or predict(*a, **k))
+    runs = []
+    for resume in (False, True):
+        weight.grad, calls[:] = None, []
+        result = sample(sd15, cond, noise, num_steps=6, eta=1.0, guidance=5.0, policy=policy, rng=random.Random(5),
+                        start=runs[0][0].boundary if resume else None)
+        forward_calls = len(calls)  # before backward recomputes the checkpointed steps
+        if result.grad_steps:
+            sd15.decode(result.latents).mean().backward()
+        runs.append((result, forward_calls, weight.grad))
+    (whole, whole_calls, whole_grad), (resumed, resumed_calls, resumed_grad) = runs
+    assert whole.boundary.index == min(whole.grad_steps, default=6) and whole_calls == 6
+    assert resumed_calls == 6 - whole.boundary.index
+    assert torch.equal(whole.latents, resumed.latents)
+    assert (whole_grad is None) == (resumed_grad is None) == (policy.mode == "none")
+    if whole_grad is not None:
+        assert whole_grad.abs().sum() > 0 and torch.equal(whole_grad, resumed_grad)
+    with pytest.raises(ValueError, match="gradient starts at step"):
+        sample(sd15, cond, noise, num_steps=6, policy=GradPolicy("last_k", k=1),
+               start=type(whole.boundary)(2, whole.boundary.latent))
+
+
 def test_noise_replay_is_exact_and_seeds_differ(sd15):
     _, a = _rollout(sd15, eta=1.0, seed=7)
     _, b = _rollout(sd15, eta=1.0, seed=7)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from comfy_rft.config import TrainConfig, option
 from comfy_rft.errors import UserError
 from comfy_rft.loop import Method, StepOutput
+from comfy_rft.sampler import Boundary
 from comfy_rft.truncation import Truncation, reward_latents
 
 
@@ -45,16 +46,18 @@ class DraftMethod(Method):
                             f"drop --lv-samples or use --k 1")
         c.truncation().validate(c.sampling_steps)
 
-    def rollout(self, prompts: list[str], seed: int):
-        """Decoded images carrying gradient per the config's truncation, and the prompt of each image."""
+    def rollout(self, prompts: list[str], seed: int, start: Boundary | None = None):
+        """Decoded images carrying gradient per the config's truncation, the prompt of each image, and the
+        boundary where the gradient starts (`start`: re-run only from there, as in `reward_latents`)."""
         c, backend = self.config, self.backend
         cond = backend.encode(prompts, self.size, self.size)
-        latents, prompts = reward_latents(backend, cond, prompts, self.noise(len(prompts), seed), seed,
-                                          c.truncation(), num_steps=c.sampling_steps, eta=c.eta,
-                                          guidance=c.guidance, use_checkpoint=c.grad_checkpointing)
-        return backend.decode(latents, use_checkpoint=c.grad_checkpointing), prompts
+        latents, prompts, boundary = reward_latents(backend, cond, prompts, self.noise(len(prompts), seed), seed,
+                                                    c.truncation(), num_steps=c.sampling_steps, eta=c.eta,
+                                                    guidance=c.guidance, use_checkpoint=c.grad_checkpointing,
+                                                    start=start)
+        return backend.decode(latents, use_checkpoint=c.grad_checkpointing), prompts, boundary
 
     def loss(self, prompts: list[str], seed: int) -> StepOutput:
-        images, prompts = self.rollout(prompts, seed)
+        images, prompts, _ = self.rollout(prompts, seed)
         rewards = self.reward(images, prompts)
         return StepOutput(loss=-rewards.mean(), rewards=rewards.detach())

@@ -12,14 +12,16 @@ One iteration (research/algorithms.md §3.2), line by line in `RsaftMethod.loss`
     1. x0 = base rollout at θ (DRaFT-K, DRaFT-LV, ReFL or AlignProp truncation), img = D(x0)
     2. one backward of R = Σ r(img) gives ∇_img R and ∇_θ R
     3. δ and ε from them (detached); θ ← θ + ε
-    4. x0' = the same rollout at θ + ε with the same noises (and the same random truncation choices)
+    4. x0' = the same rollout at θ + ε with the same noises (and the same random truncation choices);
+       `--sam-rollout shared-prefix` starts it where the gradient starts, reusing the no-gradient steps
     5. L = −mean r(D(x0') + δ); L.backward()           (the loop)
     6. θ ← θ (restored exactly) before clipping and the AdamW step (`after_backward`)
 
 The paper's text is unverified in places (only secondary notes could be read): the order of the
 two perturbations (δ at θ by default, or recomputed at θ + ε: `--delta-at`), the space of δ (we use
-the decoded image in [0, 1], the reward's input space) and absolute vs relative ρ_ω (plain SAM by
-default, ASAM's parameter-scaled radius as `--rho-param-scale relative`).
+the decoded image in [0, 1], the reward's input space), absolute vs relative ρ_ω (plain SAM by
+default, ASAM's parameter-scaled radius as `--rho-param-scale relative`), and whether the rollout at
+θ + ε re-runs the steps without gradient (yes by default, as Eq. 19 is written: `--sam-rollout`).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import torch
 
 from comfy_rft.config import option
 from comfy_rft.loop import StepOutput
-from comfy_rft.rewards.robust import reward_gradient_direction, unit_per_sample
+from comfy_rft.rewards.robust import reward_and_direction, unit_per_sample
 from comfy_rft.truncation import BASES, Truncation
 
 from .draft import DraftConfig, DraftMethod
@@ -61,6 +63,12 @@ class RsaftConfig(DraftConfig):
                            "unperturbed rollout) or 'perturbed' (recomputed on the rollout at θ + ε, image "
                            "perturbation after the parameter one; one extra reward backward).",
                            choices=("theta", "perturbed"))
+    sam_rollout: str = option("full", "The rollout at θ + ε: 'full' re-samples from x_T at θ + ε (Eq. 19 as written, "
+                              "about 2x the base step); 'shared-prefix' keeps the steps without gradient from the "
+                              "rollout at θ and re-runs only the steps with gradient at θ + ε: exact SAM on the "
+                              "base method's truncated objective, which treats those steps as constants (DRaFT-1 at "
+                              "50 steps: about 1.2x the base step; the paper's choice is unknown).",
+                              choices=("full", "shared-prefix"))
     rho_param_scale: str = option("absolute", "'absolute': plain SAM, ε = ρ_ω g/‖g‖ (the paper, as read); "
                                   "'relative': ASAM, ε = ρ_ω θ²g/‖θ g‖ (scale-invariant radius).",
                                   choices=("absolute", "relative"))
@@ -79,11 +87,12 @@ class RsaftMethod(DraftMethod):
 
     def loss(self, prompts: list[str], seed: int) -> StepOutput:
         c = self.config
-        images, scored = self.rollout(prompts, seed)  # 1. at θ
+        images, scored, boundary = self.rollout(prompts, seed)  # 1. at θ
         metrics = {}
         if c.param_perturbation:
             rewards = self.reward(images, scored)  # 2. one backward gives both gradients
             grads = torch.autograd.grad(rewards.sum(), [images, *self.params], allow_unused=True)
+            rewards = rewards.detach()
             delta = -c.rho * unit_per_sample(grads[0])  # 3.
             grad_theta = [torch.zeros_like(p) if g is None else g for p, g in zip(self.params, grads[1:])]
             epsilon, metrics["grad_norm_theta"] = self._epsilon(grad_theta)
@@ -91,21 +100,26 @@ class RsaftMethod(DraftMethod):
             with torch.no_grad():
                 for p, e in zip(self.params, epsilon):
                     p.add_(e)
-            scored_images, _ = self.rollout(prompts, seed)  # 4. same seed: same noises and truncation draws
+            start = boundary if c.sam_rollout == "shared-prefix" else None
+            scored_images, _, _ = self.rollout(prompts, seed, start)  # 4. same seed: same noises and truncation draws
             if c.delta_at == "perturbed":
-                delta_scored = -c.rho * reward_gradient_direction(self.reward, scored_images, scored)
+                delta_scored = -c.rho * reward_and_direction(self.reward, scored_images, scored)[1]
             else:
                 delta_scored = delta
         else:  # image-only (or neither): δ from this rollout, which is also the one scored
-            with torch.no_grad():
-                rewards = self.reward(images, scored)
-            delta = delta_scored = -c.rho * reward_gradient_direction(self.reward, images, scored)
+            rewards, direction = reward_and_direction(self.reward, images, scored)
+            delta = delta_scored = -c.rho * direction
             scored_images = images
-        with torch.no_grad():  # S1 at θ: how far the worst small perturbation drops the reward
-            metrics["sharpness_s1"] = (rewards - self.reward(images.detach() + delta, scored)).mean().item()
         robust = self.reward(scored_images + delta_scored if c.image_perturbation else scored_images, scored)  # 5.
-        metrics.update(proxy_reward=rewards.mean().item(), robust_reward=robust.detach().mean().item())
-        return StepOutput(loss=-robust.mean(), rewards=rewards.detach(), metrics=metrics)
+        # S1 at θ: how far the worst small perturbation drops the reward (image-only has just scored r(x + δ) at θ)
+        if c.image_perturbation and scored_images is images:
+            perturbed = robust.detach()
+        else:
+            with torch.no_grad():
+                perturbed = self.reward(images.detach() + delta, scored)
+        metrics.update(proxy_reward=rewards.mean().item(), robust_reward=robust.detach().mean().item(),
+                       sharpness_s1=(rewards - perturbed).mean().item())
+        return StepOutput(loss=-robust.mean(), rewards=rewards, metrics=metrics)
 
     def after_backward(self) -> None:
         """6. θ + ε -> θ, bit for bit (a copy, not a subtraction): the gradient stays, applied to θ."""

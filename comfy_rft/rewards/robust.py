@@ -23,12 +23,14 @@ def unit_per_sample(grad: torch.Tensor) -> torch.Tensor:
     return grad / norms.clamp_min(1e-12)
 
 
-def reward_gradient_direction(reward: Reward, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-    """∇ₓr / ‖∇ₓr‖ per sample, detached: the direction of steepest reward increase in image space."""
+def reward_and_direction(reward: Reward, images: torch.Tensor, prompts: list[str]):
+    """r(x) and ∇ₓr / ‖∇ₓr‖ per sample, both detached: the scores come free with the direction of steepest
+    reward increase in image space, so callers that need both score once."""
     with torch.enable_grad():
         x = images.detach().requires_grad_(True)
-        (grad,) = torch.autograd.grad(reward(x, prompts).sum(), x)
-    return unit_per_sample(grad)
+        values = reward(x, prompts)
+        (grad,) = torch.autograd.grad(values.sum(), x)
+    return values.detach(), unit_per_sample(grad)
 
 
 class RobustReward(Reward):
@@ -50,16 +52,14 @@ class RobustReward(Reward):
         if self.rho == 0:
             return self.inner(images, prompts)
         if self.mode == "adversarial":
-            return self.inner(images - self.rho * reward_gradient_direction(self.inner, images, prompts), prompts)
+            return self.inner(images - self.rho * reward_and_direction(self.inner, images, prompts)[1], prompts)
         noise = torch.randn((self.samples, *images.shape), device=images.device, dtype=images.dtype)
         return torch.stack([self.inner(images + self.rho * n, prompts) for n in noise]).mean(0)
 
 
 def sharpness(reward: Reward, images: torch.Tensor, prompts: list[str], rho: float = 0.01) -> torch.Tensor:
     """S1 = E[r(x) − r(x − ρ∇r/‖∇r‖)]: how much the score drops under the worst small perturbation."""
-    with torch.no_grad():
-        clean = reward(images, prompts)
-    direction = reward_gradient_direction(reward, images, prompts)
+    clean, direction = reward_and_direction(reward, images, prompts)
     with torch.no_grad():
         perturbed = reward(images - rho * direction, prompts)
     return (clean - perturbed).mean()
