@@ -1,5 +1,5 @@
 """Time and memory of one DRaFT optimiser step: the library's real step next to a bare hand loop,
-RSA-FT's step next to the DRaFT-K step it wraps, SQDF's rollout epoch and update, and LaSRO's
+RSA-FT's step next to the base step it wraps, SQDF's rollout epoch and update, and LaSRO's
 generator step and surrogate round.
 
 For K (steps with gradient) in {1, 2, all} x T (DDIM steps) x gradient checkpointing on/off, one run
@@ -7,7 +7,8 @@ measures the step `comfy_rft.loop.train` takes (DraftMethod.loss -> backward -> 
 same step written by hand against diffusers/peft/torch. The two are measured back to back per config,
 so library time / hand time is the library's overhead and machine drift hits both alike. The printed
 markdown table is what bench/README.md shows; its columns are explained there. A second table
-times RSA-FT (both perturbations) against its DRaFT-K base, interleaved the same way; a third times
+times RSA-FT (both perturbations; full and shared-prefix rollout at θ + ε) against each base it wraps
+(DRaFT-1, DRaFT-2, DRaFT-LV, ReFL, AlignProp), interleaved the same way; a third times
 SQDF's rollout epoch and update per T, with their peak memory; a fourth times LaSRO's two parts
 separately: one generator step and one surrogate round (exploration, true-reward queries,
 Bradley-Terry steps).
@@ -30,6 +31,7 @@ import time
 
 import torch
 from torch.utils.checkpoint import checkpoint
+from torch.utils.flop_counter import FlopCounterMode
 
 from comfy_rft import lora
 from comfy_rft.backend import DiffusersBackend
@@ -53,10 +55,11 @@ class LibraryStep:
     """One optimiser step as `comfy_rft.loop.train` takes it (one micro-batch), through a method's loss."""
 
     def __init__(self, backend, reward, params, optimizer, steps: int, k: int, ckpt: bool, size: int,
-                 method=(DraftConfig, DraftMethod)):
+                 method=(DraftConfig, DraftMethod), options: dict | None = None):
         config_cls, method_cls = method
-        self.config = config_cls(sampling_steps=steps, k=k, grad_checkpointing=ckpt, batch_size=len(PROMPTS),
-                                 guidance=GUIDANCE, resolution=size, max_grad_norm=MAX_GRAD_NORM)
+        self.config = config_cls(**{**dict(sampling_steps=steps, k=k, grad_checkpointing=ckpt, batch_size=len(PROMPTS),
+                                           guidance=GUIDANCE, resolution=size, max_grad_norm=MAX_GRAD_NORM),
+                                    **(options or {})})
         self.method = method_cls(self.config, backend, reward)
         self.method.check()
         self.method.params = self.params = params  # as the loop hands the method its adapter
@@ -197,24 +200,44 @@ def setup(args):
     return backend, reward, params, torch.optim.AdamW(params, lr=LR, weight_decay=WEIGHT_DECAY)
 
 
+RSAFT_BASES = {"DRaFT-1": dict(base="draft-k", k=1), "DRaFT-2": dict(base="draft-k", k=2),
+               "DRaFT-LV": dict(base="draft-lv", k=1, lv_samples=2), "ReFL": dict(base="refl", k=1),
+               "AlignProp": dict(base="alignprop", k=1)}  # ReFL: stop in the last 10 steps; AlignProp: K in [1, 4]
+
+
+def flops(step, seed: int) -> int:
+    """Floating-point operations of one step as torch counts them (matmuls and convolutions, backward and
+    checkpoint recomputation included): a cost that, unlike time, does not move with the machine's load."""
+    with FlopCounterMode(display=False) as counter:
+        step(seed)
+    return counter.get_total_flops()
+
+
 def run_rsaft(args, backend, reward, params, optimizer) -> list[dict]:
-    """RSA-FT (image and parameter perturbations, δ at θ) against DRaFT-K, checkpointing on, interleaved."""
+    """RSA-FT (image and parameter perturbations, δ at θ), with the full and the shared-prefix rollout at θ + ε,
+    against the plain base method it wraps, checkpointing on, interleaved per seed. Time ratios are medians of
+    the per-seed ratios (each pair ran back to back), FLOP ratios are exact."""
     device = torch.device(args.device)
     rows = []
-    for k in (1, 2):
+    for label, base in RSAFT_BASES.items():
         for steps in args.steps:
-            impls = {name: LibraryStep(backend, reward, params, optimizer, steps, k, True, args.resolution, method)
-                     for name, method in (("base", (DraftConfig, DraftMethod)), ("rsaft", (RsaftConfig, RsaftMethod)))}
+            impls = {name: LibraryStep(backend, reward, params, optimizer, steps, base["k"], True, args.resolution,
+                                       (RsaftConfig, cls), {**base, **options})
+                     for name, cls, options in (("base", DraftMethod, {}), ("rsaft", RsaftMethod, {}),
+                                                ("shared", RsaftMethod, {"sam_rollout": "shared-prefix"}))}
             for step in impls.values():
-                step(0)
+                step(0)  # warm-up (also fills the prompt cache, whose text encoder would count)
+            work = {name: flops(step, 0) for name, step in impls.items()}
             times = {name: [] for name in impls}
             for seed in range(1, args.repeats + 1):
                 for name, step in impls.items():
                     times[name].append(seconds(step, seed, device))
-            row = {"T": steps, "K": k, **{f"{n}_s": statistics.median(t) for n, t in times.items()}}
-            row["ratio"] = row["rsaft_s"] / row["base_s"]
+            row = {"base": label, "T": steps, **{f"{n}_s": statistics.median(t) for n, t in times.items()}}
+            for name, key in (("rsaft", "ratio"), ("shared", "shared_ratio")):
+                row[key] = statistics.median(a / b for a, b in zip(times[name], times["base"]))
+                row[key.replace("ratio", "flop_ratio")] = work[name] / work["base"]
             rows.append(row)
-            print(f"  done RSA-FT T={steps} K={k}", file=sys.stderr, flush=True)
+            print(f"  done RSA-FT {label} T={steps}", file=sys.stderr, flush=True)
     return rows
 
 
@@ -267,10 +290,17 @@ def sqdf_table(rows: list[dict]) -> str:
 
 
 def rsaft_table(rows: list[dict], limit: float = 2.2) -> str:
-    lines = ["| base | T | DRaFT-K s | RSA-FT s | RSA-FT / base |", "|---|---|---|---|---|"]
-    lines += [f"| DRaFT-{r['K']} | {r['T']} | {r['base_s']:.3f} | {r['rsaft_s']:.3f} | {r['ratio']:.2f} |" for r in rows]
-    worst = max(r["ratio"] for r in rows)
-    lines.append(f"\nRSA-FT step at most {limit}x its base: {'yes' if worst <= limit else 'no'} (worst {worst:.2f}x)")
+    lines = ["| base | T | base s | RSA-FT s | RSA-FT / base: time | FLOPs | shared-prefix s "
+             "| shared-prefix / base: time | FLOPs |", "|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['base']} | {r['T']} | {r['base_s']:.3f} | {r['rsaft_s']:.3f} | {r['ratio']:.2f} "
+              f"| {r['flop_ratio']:.3f} | {r['shared_s']:.3f} | {r['shared_ratio']:.2f} | {r['shared_flop_ratio']:.3f} |"
+              for r in rows]
+    for what, key in (("time", "ratio"), ("FLOPs", "flop_ratio")):
+        worst = max(r[key] for r in rows)
+        lines.append(f"{'' if key == 'flop_ratio' else chr(10)}RSA-FT step (full rollout at θ + ε) at most {limit}x "
+                     f"its base in {what}: {'yes' if worst <= limit else 'no'} (worst {worst:.2f}x; "
+                     f"median {statistics.median(r[key] for r in rows):.2f}x; shared-prefix worst "
+                     f"{max(r['shared_' + key] for r in rows):.2f}x)")
     return "\n".join(lines)
 
 
