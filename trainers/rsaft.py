@@ -79,6 +79,9 @@ class RsaftConfig(DraftConfig):
 
 
 class RsaftMethod(DraftMethod):
+    """Logs per step: proxy_reward r(x), robust_reward r(x + δ), sharpness_s1 (Eq. 10 at θ) and grad_norm_theta
+    (‖∇_θ r‖ at θ); the loop's grad_norm is the gradient applied, the one taken at θ + ε."""
+
     name = "rsaft"
 
     def __init__(self, *args, **kwargs):
