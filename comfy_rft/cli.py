@@ -55,9 +55,17 @@ def cmd_train(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="comfy-rft train", description=f"Train a LoRA with {method}.")
     parser.add_argument("--method", choices=sorted(methods), default=method, help="Fine-tuning method.")
     parser.add_argument("--config", help="A TOML file with any of the options below (flags override it).")
+    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice, one per core). "
+                        "On a small or busy CPU machine 1 can be several times faster: extra threads stall.")
     add_config_arguments(parser, config_cls)
     args = parser.parse_args(argv)
     config = build_config(config_cls, args.config, vars(args))
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UserError(f"--threads must be at least 1 (got {args.threads}); leave it out for torch's default")
+        import torch
+
+        torch.set_num_threads(args.threads)
     return _run_training(method, config)
 
 

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from comfy_rft.cli import main
 
@@ -15,8 +16,12 @@ def _last_json(capsys):
 
 
 def test_train_prints_the_summary_json_as_last_line(tmp_path, capsys):
-    code = main(["train", "--method", "draft", "--model", "tiny-sd15", "--reward", "brightness",
-                 "--prompts", "a red circle", "--steps", "2", "--seed", "3", "--out", str(tmp_path), *FAST])
+    try:  # --threads reaches torch (the suite runs on 1 thread, so ask for 2 and restore)
+        code = main(["train", "--method", "draft", "--model", "tiny-sd15", "--reward", "brightness", "--threads", "2",
+                     "--prompts", "a red circle", "--steps", "2", "--seed", "3", "--out", str(tmp_path), *FAST])
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(1)
     assert code == 0
     summary = _last_json(capsys)
     assert {"method", "steps", "reward_before", "reward_after", "lora", "seconds"} <= summary.keys()
@@ -46,6 +51,7 @@ def test_toml_config_is_read_and_flags_override_it(tmp_path, capsys):
     (["--reward", "no-such-reward"], "unknown reward 'no-such-reward'"),
     (["--method", "nope"], "unknown method 'nope'"),
     (["--k", "2", "--lv-samples", "2"], "needs K=1"),
+    (["--threads", "0"], "--threads must be at least 1"),
 ])
 def test_bad_input_gives_a_clear_error(tmp_path, capsys, args, message):
     (tmp_path / "empty.txt").write_text("\n# only a comment\n")
