@@ -295,9 +295,10 @@ def rsaft_table(rows: list[dict], limit: float = 2.2) -> str:
     lines += [f"| {r['base']} | {r['T']} | {r['base_s']:.3f} | {r['rsaft_s']:.3f} | {r['ratio']:.2f} "
               f"| {r['flop_ratio']:.3f} | {r['shared_s']:.3f} | {r['shared_ratio']:.2f} | {r['shared_flop_ratio']:.3f} |"
               for r in rows]
+    lines.append("")
     for what, key in (("time", "ratio"), ("FLOPs", "flop_ratio")):
         worst = max(r[key] for r in rows)
-        lines.append(f"{'' if key == 'flop_ratio' else chr(10)}RSA-FT step (full rollout at θ + ε) at most {limit}x "
+        lines.append(f"RSA-FT step (full rollout at θ + ε) at most {limit}x "
                      f"its base in {what}: {'yes' if worst <= limit else 'no'} (worst {worst:.2f}x; "
                      f"median {statistics.median(r[key] for r in rows):.2f}x; shared-prefix worst "
                      f"{max(r['shared_' + key] for r in rows):.2f}x)")
