@@ -124,7 +124,21 @@ _LATENT_TO_RGB = ((0.35, 0.23, 0.32, -0.17), (0.33, 0.50, 0.24, -0.18), (0.30, 0
 
 
 def fit_tiny_pipeline(pipe, seed: int = 0, steps: int = 100, batch: int = 8) -> None:
-    """Fit the decoder to a fixed latent->RGB map and the UNet to denoise N(0, I) latents (seconds on a CPU)."""
+    """Fit the decoder to a fixed latent->RGB map and the UNet to denoise N(0, I) latents (seconds on a CPU).
+
+    Float sums depend on torch's thread count, so the fit runs on one thread: every build of a name and
+    seed gives the same weights whatever threads the caller runs (a cached model must not depend on
+    which command happened to build it first).
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _fit(pipe, seed, steps, batch)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _fit(pipe, seed: int, steps: int, batch: int) -> None:
     import torch.nn.functional as F
 
     gen = torch.Generator().manual_seed(seed)
