@@ -353,6 +353,8 @@ QUICK = {
                        "eval_every": 1, "preview_every": 1, "lr": 0.01, "checkpoint_every": 1},
     "RFTTrain_rsaft": {"steps": 1, "sampling_steps": 4, "resolution": 64, "batch_size": 1, "eval_samples": 1,
                        "eval_every": 1, "preview_every": 1, "lr": 0.01, "rho_param": 0.01},
+    "RFTTrain_sqdf": {"steps": 2, "sampling_steps": 4, "resolution": 64, "batch_size": 1, "eval_samples": 1,
+                      "eval_every": 1, "preview_every": 1, "lr": 0.01, "buffer_size": 8},
     "RFTTrain_lasro": {"steps": 2, "resolution": 64, "batch_size": 1, "eval_samples": 1, "eval_every": 1,
                        "preview_every": 1, "lr": 0.01, "surrogate_warmup": 1, "surrogate_steps": 2},
 }
